@@ -1,0 +1,613 @@
+"""Agentic data: the paper's four sources (or your own files) -> typed steps -> length-grouped batches.
+
+Pipeline, top to bottom:
+  files (downloaded from the hub, or found in --data-dir by the shape of their records)
+  -> a reader per format turns a record into messages [{role, content, calls}] plus a tool list
+  -> rendered in Qwen2.5's own chat template (ChatML, tools in the system turn, <tool_call> JSON)
+  -> one Step per assistant turn: prompt = everything before it, target = the turn + <|im_end|>
+  -> encode / truncate / collate into Batches that train.py and eval.py consume.
+
+Decisions:
+- Kinds. `tool_call`: the assistant turn emits at least one call. `planning`: a gsm8k or Turing
+  answer (reasoning). `reply`: a plain-text assistant turn in a tool dataset ("Sure, which
+  ingredients?", the summary after a tool result). Replies are kept for the LM loss, because they
+  are real turns of the conversations the calls live in, but are reported as their own type and
+  never counted as tool_call or planning: they are neither a structured call nor a reasoning step,
+  and counting them on either side would blur the skip differential we measure.
+- Hermes system prompts embed their own tool list and Python-dict call instructions. We parse the
+  tools out and render them Qwen's way; the system text kept is what precedes `<tools>` (the task
+  framing), the hermes call-format text after it is dropped (Qwen's tool block says the same).
+- Hermes json-mode files are not downloaded: their answers fill a JSON schema in plain text, no call
+  is made. Found in --data-dir they read as hermes, and their turns become `reply` steps.
+- gsm8k targets drop the `<<48/2=24>>` calculator annotations (an artefact of how the data was
+  collected, not text a model should learn to write); the final `#### N` line stays.
+- Splits: gsm8k keeps its own (test file -> test; train file -> train, with 5% of it as val so tuning
+  never touches test). Every other source splits 80/10/10 by sha256 of "source:record_id", so a
+  conversation (all its steps) lives in exactly one split, the same on every machine.
+- Caps: at most `max_records` records per source (default 20,000: glaive-v2 has ~113k), chosen by a
+  hash of their id (not by file order, and with a salt of its own so the cap does not bias splits).
+- A malformed record is skipped whole (later turns' prompts depend on it) and counted per source and
+  reason; the first record hit by each reason is named (file#index) in the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+KINDS = ("tool_call", "planning", "reply")
+SPLITS = ("train", "val", "test")
+PLANNING_SOURCES = ("gsm8k", "turing")
+MAX_RECORDS = 20_000
+GSM8K_VAL_SHARE = 0.05
+# Qwen2.5-0.5B-Instruct's chat_template, word for word (tokenizer_config.json).
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+TOOLS_HEAD = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+              "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and "
+              "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+              '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+# What load_steps(None) downloads: (source, hub dataset, file). gsm8k's test file comes first so
+# that a question duplicated in train is dropped there, not in test.
+HUB_FILES = [
+    ("hermes", "NousResearch/hermes-function-calling-v1", "func-calling-singleturn.json"),
+    ("hermes", "NousResearch/hermes-function-calling-v1", "func-calling.json"),
+    ("hermes", "NousResearch/hermes-function-calling-v1", "glaive-function-calling-5k.json"),
+    ("glaive", "glaiveai/glaive-function-calling-v2", "glaive-function-calling-v2.json"),
+    ("gsm8k", "openai/gsm8k", "main/test-00000-of-00001.parquet"),
+    ("gsm8k", "openai/gsm8k", "main/train-00000-of-00001.parquet"),
+    ("turing", "TuringEnterprises/Turing-Open-Reasoning", "Computational_STEM_QA_Dataset.json"),
+]
+
+
+@dataclass
+class Step:
+    id: str       # f"{source}:{record_id}:{assistant turn number}", stable across runs
+    source: str   # hermes | glaive | gsm8k | turing | sharegpt | openai
+    kind: str     # one of KINDS
+    split: str    # train | val | test
+    prompt: str   # ChatML of everything before the turn, ending "<|im_start|>assistant\n"
+    target: str   # the turn's rendered content + "<|im_end|>"
+    answer: object  # tool_call: [{"name", "arguments"}]; planning: final answer str; reply: None
+
+
+class Skip(Exception):
+    """A malformed record; the message is the reason counted in the summary (keep it generic)."""
+
+
+# ---- parsing the awkward bits: Python-dict calls, quoted-string arguments, concatenated JSON ----
+
+def _loads(text: str, what: str):
+    """JSON, else a Python literal (hermes writes {'name': ..., 'flag': True}); never eval."""
+    try:
+        return json.loads(text, strict=False)  # strict=False: raw newlines inside strings occur
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise Skip(f"{what} is neither JSON nor a Python literal") from None
+
+
+def _values(text: str, what: str) -> list:
+    """One value, or several JSON objects written one after another (glaive's system prompt)."""
+    try:
+        value = _loads(text, what)
+        return value if isinstance(value, list) else [value]
+    except Skip:
+        pass
+    decoder, out, i = json.JSONDecoder(strict=False), [], 0
+    while (i := re.compile(r"\s*").match(text, i).end()) < len(text):
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            raise Skip(f"{what} is neither JSON nor a Python literal") from None
+        out.append(value)
+    return out
+
+
+def _call(obj) -> dict:
+    """Normalise a call to {"name": str, "arguments": dict}; OpenAI nests it under "function"."""
+    if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
+        obj = obj["function"]
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise Skip("tool call has no name")
+    args = obj.get("arguments", {})
+    if isinstance(args, str):  # glaive and OpenAI write the arguments as a JSON string
+        args = _loads(args, "tool call arguments") if args.strip() else {}
+    if not isinstance(args, dict):
+        raise Skip("tool call arguments are not an object")
+    return {"name": obj["name"], "arguments": args}
+
+
+def _tool(obj) -> dict:
+    """A function signature, unwrapped from {"type": "function", "function": {...}} if wrapped."""
+    if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
+        obj = obj["function"]
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise Skip("tool definition has no name")
+    return obj
+
+
+def _msg(role: str, content, calls: list | None = None) -> dict:
+    if not isinstance(content, str):
+        raise Skip(f"{role} turn content is not text")
+    return {"role": role, "content": content.strip(), "calls": calls or []}
+
+
+def _field(rec: dict, key: str, kind: type):
+    if not isinstance(rec.get(key), kind):
+        raise Skip(f"missing or non-{kind.__name__} field '{key}'")
+    return rec[key]
+
+
+# ---- one reader per native format: record -> (messages, tools, final answer or None) ----
+
+TOOLS_RE = re.compile(r"<tools>(.*?)</tools>", re.S)
+CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+RESPONSE_RE = re.compile(r"<tool_response>(.*?)</tool_response>", re.S)
+GLAIVE_TURN = re.compile(r"(?:^|\n)[ \t]*(USER|ASSISTANT|FUNCTION RESPONSE):[ \t]?")
+GLAIVE_CALL = re.compile(r"""\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"arguments"\s*:\s*'(.*)'\s*\}""", re.S)
+CALCULATOR = re.compile(r"<<[^<>]*>>")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "observation": "tool", "tool": "tool"}
+
+
+def _turns(rec: dict) -> Iterator[tuple[str, str]]:
+    for turn in _field(rec, "conversations", list):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
+                and isinstance(turn.get("value"), str)):
+            raise Skip("turn without 'from'/'value' strings")
+        yield turn["from"], turn["value"]
+
+
+def read_hermes(rec: dict):
+    msgs, tools = [], []
+    for role, value in _turns(rec):
+        if role == "system" and (m := TOOLS_RE.search(value)):
+            tools = [_tool(t) for t in _values(m.group(1).strip(), "tool list")]
+            msgs.append(_msg("system", value[:m.start()]))  # keep the framing, drop hermes' format text
+        elif role in ("system", "human"):
+            msgs.append(_msg("system" if role == "system" else "user", value))
+        elif role == "gpt":
+            calls = [_call(_loads(c, "tool call")) for c in CALL_RE.findall(value)]
+            msgs.append(_msg("assistant", CALL_RE.sub("", value), calls))
+        elif role == "tool":  # one message per <tool_response> block; they share a user turn
+            msgs += [_msg("tool", r) for r in RESPONSE_RE.findall(value) or [value]]
+        else:
+            raise Skip("unknown turn role")
+    return msgs, tools, None
+
+
+def read_sharegpt(rec: dict):
+    tools = rec.get("tools") or []
+    tools = _values(tools, "tool list") if isinstance(tools, str) else tools
+    msgs = [_msg("system", rec["system"])] if rec.get("system") else []
+    for role, value in _turns(rec):
+        if role == "function_call":  # a list of calls is how sharegpt writes parallel calls
+            calls = _values(value, "tool call")
+            msgs.append(_msg("assistant", "", [_call(c) for c in calls]))
+        elif role in SHAREGPT_ROLES:
+            msgs.append(_msg(SHAREGPT_ROLES[role], value))
+        else:
+            raise Skip("unknown turn role")
+    return msgs, [_tool(t) for t in (tools if isinstance(tools, list) else [tools])], None
+
+
+def read_glaive(rec: dict):
+    system = _field(rec, "system", str).strip().removeprefix("SYSTEM:").strip()
+    head, brace, functions = system.partition("\n{")  # signatures follow as pretty-printed JSON
+    tools = [_tool(t) for t in _values(brace.strip() + functions, "tool list")] if brace else []
+    msgs = [_msg("system", head.strip().removesuffix("-"))]
+    parts = GLAIVE_TURN.split(_field(rec, "chat", str))
+    if parts[0].strip():
+        raise Skip("chat text before the first USER/ASSISTANT marker")
+    for role, text in zip(parts[1::2], parts[2::2]):
+        text = text.replace("<|endoftext|>", "")
+        if role == "ASSISTANT":
+            content, tag, call = text.partition("<functioncall>")
+            msgs.append(_msg("assistant", content, [_glaive_call(call)] if tag else []))
+        else:
+            msgs.append(_msg("user" if role == "USER" else "tool", text))
+    return msgs, tools, None
+
+
+def _glaive_call(text: str) -> dict:
+    """glaive writes {"name": "f", "arguments": '{...}'}: JSON outside, a quoted JSON string inside."""
+    if m := GLAIVE_CALL.fullmatch(text.strip()):
+        return _call({"name": m.group(1), "arguments": m.group(2)})
+    return _call(_loads(text, "tool call"))
+
+
+def read_openai(rec: dict):
+    msgs = []
+    for m in _field(rec, "messages", list):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise Skip("unknown message role")
+        content = m.get("content") or ""
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        msgs.append(_msg(m["role"], content, [_call(c) for c in m.get("tool_calls") or []]))
+    tools = rec.get("tools") or []
+    return msgs, [_tool(t) for t in (tools if isinstance(tools, list) else [tools])], None
+
+
+def read_gsm8k(rec: dict):
+    question, answer = _field(rec, "question", str), _field(rec, "answer", str)
+    if "####" not in answer:
+        raise Skip("answer has no '#### N' line")
+    final = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return [_msg("user", question), _msg("assistant", CALCULATOR.sub("", answer))], [], final
+
+
+def read_turing(rec: dict):
+    question, answer = _field(rec, "question", str), _field(rec, "answer", str)
+    if not answer.strip():
+        raise Skip("empty answer")
+    return [_msg("user", question), _msg("assistant", answer)], [], answer.strip()
+
+
+READERS = {"hermes": read_hermes, "glaive": read_glaive, "sharegpt": read_sharegpt,
+           "openai": read_openai, "gsm8k": read_gsm8k, "turing": read_turing}
+
+
+def sniff(rec) -> str | None:
+    """Which format a record is in, from its keys alone (so a folder of files just works)."""
+    if not isinstance(rec, dict):
+        return None
+    if isinstance(rec.get("conversations"), list):
+        roles = {t.get("from") for t in rec["conversations"] if isinstance(t, dict)}
+        hermes = "tools" not in rec and roles <= {"system", "human", "gpt", "tool"}
+        return "hermes" if hermes else "sharegpt"
+    if isinstance(rec.get("messages"), list):
+        return "openai"
+    if "system" in rec and "chat" in rec:
+        return "glaive"
+    if {"question", "answer", "conversation_id"} <= rec.keys():
+        return "turing"
+    if {"question", "answer"} <= rec.keys() and "####" in str(rec["answer"]):
+        return "gsm8k"
+    return None
+
+
+# ---- rendering: Qwen2.5's chat template, turn by turn ----
+
+def render_system(system: str | None, tools: list[dict]) -> str:
+    text = DEFAULT_SYSTEM if system is None else system
+    if tools:  # one {"type": "function", ...} per line; json.dumps = the template's tojson
+        lines = "".join("\n" + json.dumps({"type": "function", "function": t}, ensure_ascii=False)
+                        for t in tools)
+        text += TOOLS_HEAD + lines + TOOLS_TAIL
+    return f"<|im_start|>system\n{text}<|im_end|>\n"
+
+
+def render_assistant(content: str, calls: list[dict]) -> str:
+    """The turn's body (after "<|im_start|>assistant\\n"): text, then one block per call."""
+    blocks = [f'<tool_call>\n{{"name": "{c["name"]}", "arguments": '
+              f'{json.dumps(c["arguments"], ensure_ascii=False)}}}\n</tool_call>' for c in calls]
+    return "\n".join([content] * bool(content) + blocks)
+
+
+def to_steps(source: str, rid: str, split: str, msgs: list[dict], tools: list[dict],
+             final: str | None) -> list[Step]:
+    system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+    turns = msgs[1:] if system is not None else msgs
+    if not any(m["role"] == "assistant" for m in turns):
+        raise Skip("no assistant turn")
+    text, steps = render_system(system, tools), []
+    for i, m in enumerate(turns):
+        if m["role"] == "tool":  # consecutive tool results share one user turn
+            first = i == 0 or turns[i - 1]["role"] != "tool"
+            last = i + 1 == len(turns) or turns[i + 1]["role"] != "tool"
+            text += ("<|im_start|>user" if first else "") + \
+                f"\n<tool_response>\n{m['content']}\n</tool_response>" + ("<|im_end|>\n" if last else "")
+        elif m["role"] == "assistant":
+            body = render_assistant(m["content"], m["calls"])
+            if not body:
+                raise Skip("empty assistant turn")
+            kind = "tool_call" if m["calls"] else "planning" if source in PLANNING_SOURCES else "reply"
+            answer = m["calls"] if m["calls"] else final if kind == "planning" else None
+            prompt = text + "<|im_start|>assistant\n"
+            steps.append(Step(f"{source}:{rid}:{len(steps)}", source, kind, split, prompt,
+                              body + "<|im_end|>", answer))
+            text = prompt + body + "<|im_end|>\n"
+        else:  # user, or a system turn after the first
+            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+    return steps
+
+
+# ---- files, splits, loading ----
+
+BAD_LINE = object()  # stands for a .jsonl line that is not JSON, so record indices stay right
+
+
+def read_records(path: Path) -> list:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq  # only the hub's gsm8k needs it
+        except ImportError:
+            raise ImportError(f"{path}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+            return data if isinstance(data, list) else [data]
+        except json.JSONDecodeError:
+            pass  # some .json files hold one record per line
+    records = []
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            records.append(BAD_LINE)
+    if not records or all(r is BAD_LINE for r in records):
+        raise ValueError("neither JSON nor JSON lines")
+    return records
+
+
+def scan(root: Path) -> tuple[list[tuple[str, str, list]], dict[str, str]]:
+    """Every data file under root as (source, path, records); the rest as {path: why ignored}."""
+    found, ignored = [], {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        if path.suffix not in (".json", ".jsonl", ".parquet"):
+            ignored[str(path)] = "not a .json/.jsonl/.parquet file"
+            continue
+        try:
+            records = read_records(path)
+        except (ValueError, ImportError, OSError, UnicodeDecodeError) as e:
+            ignored[str(path)] = str(e)
+            continue
+        votes = Counter(sniff(r) for r in records[:50] if r is not BAD_LINE) - Counter({None: 1 << 60})
+        if not votes:
+            ignored[str(path)] = "records match no known format"
+            continue
+        found.append((votes.most_common(1)[0][0], str(path), records))
+    return found, ignored
+
+
+def download(cache_dir: str | None = None) -> list[tuple[str, str, list]]:
+    from huggingface_hub import hf_hub_download  # respects HF_HOME and HF_HUB_OFFLINE
+    paths = [(s, hf_hub_download(repo, name, repo_type="dataset", cache_dir=cache_dir))
+             for s, repo, name in HUB_FILES]
+    return [(s, p, read_records(Path(p))) for s, p in paths]
+
+
+def _unit(key: str) -> float:
+    """A deterministic number in [0, 1) from a string: the same on every machine and run."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16 ** 12
+
+
+def split_of(source: str, rid: str, own: str | None = None) -> str:
+    u = _unit(f"{source}:{rid}")
+    if own == "test":
+        return "test"
+    if own == "train":
+        return "val" if u < GSM8K_VAL_SHARE else "train"
+    return "train" if u < 0.8 else "val" if u < 0.9 else "test"
+
+
+def record_id(rec: dict) -> str:
+    for key in ("id", "conversation_id"):
+        if isinstance(rec.get(key), (str, int)):
+            return str(rec[key])
+    blob = json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_steps(data_dir: str | None = None, cache_dir: str | None = None,
+               max_records: int | None = MAX_RECORDS) -> tuple[list[Step], dict]:
+    """All steps of every source found in data_dir (or downloaded, if None), and the summary dict."""
+    found, ignored = scan(Path(data_dir)) if data_dir else (download(cache_dir), {})
+    if not found:
+        raise FileNotFoundError(f"{data_dir}: no recognisable data file; ignored: {ignored}")
+    kept, sources = defaultdict(dict), {}  # kept: source -> {record id: its steps}
+    for source, path, records in found:
+        rep = sources.setdefault(source, {"files": [], "records": 0, "skipped": Counter(),
+                                          "first_skipped": {}})
+        rep["files"].append(path)
+        own = ("test" if "test" in Path(path).name.lower() else "train") if source == "gsm8k" else None
+        for i, rec in enumerate(records):
+            try:
+                if rec is BAD_LINE or not isinstance(rec, dict):
+                    raise Skip("line is not a JSON object")
+                msgs, tools, final = READERS[source](rec)
+                rid = record_id(rec)
+                if rid in kept[source]:
+                    raise Skip("duplicate record id")
+                kept[source][rid] = to_steps(source, rid, split_of(source, rid, own), msgs, tools, final)
+            except Skip as e:
+                rep["skipped"][str(e)] += 1
+                rep["first_skipped"].setdefault(str(e), f"{path}#{i}")
+    steps = []
+    for source, rep in sources.items():
+        if not kept[source]:
+            raise ValueError(f"source '{source}' yielded no steps from {rep['files']}: "
+                             f"every record was skipped ({dict(rep['skipped'])})")
+        rids = sorted(kept[source], key=lambda r: _unit(f"cap:{source}:{r}"))[:max_records]
+        rep["capped"] = len(kept[source]) - len(rids)
+        rep["records"] = len(rids)
+        rep["splits"] = dict(Counter(kept[source][r][0].split for r in rids))
+        rep["skipped"] = dict(rep["skipped"])
+        steps += [s for r in sorted(rids) for s in kept[source][r]]
+    summary = {"sources": sources, "steps": dict(Counter(s.kind for s in steps)),
+               "splits": dict(Counter(s.split for s in steps)), "ignored_files": ignored}
+    return steps, summary
+
+
+# ---- tokens and batches ----
+
+def encode(step: Step, tokenizer) -> tuple[list[int], list[int]]:
+    """Prompt and target encoded apart, so the boundary is exact; <|im_start|> etc. are added
+    tokens in tokenizer.json, so they come out as single ids."""
+    return (tokenizer.encode(step.prompt, add_special_tokens=False).ids,
+            tokenizer.encode(step.target, add_special_tokens=False).ids)
+
+
+def encode_all(steps: list[Step], tokenizer) -> list[tuple[list[int], list[int], str]]:
+    """encode() for many steps at once (the tokenizer batches in Rust): the input of batches()."""
+    prompts = tokenizer.encode_batch([s.prompt for s in steps], add_special_tokens=False)
+    targets = tokenizer.encode_batch([s.target for s in steps], add_special_tokens=False)
+    return [(p.ids, t.ids, s.kind) for p, t, s in zip(prompts, targets, steps)]
+
+
+def truncate(prompt_ids: list[int], target_ids: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Keep the target (its end is cut only if it alone passes max_len - 1) and at least one
+    prompt token; drop the OLDEST prompt tokens."""
+    if len(prompt_ids) + len(target_ids) <= max_len:
+        return prompt_ids, target_ids
+    target_ids = target_ids[:max_len - 1]
+    return prompt_ids[max(0, len(prompt_ids) - (max_len - len(target_ids))):], target_ids
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor          # (B, T) long, right-padded with pad_id; T = longest row of this batch
+    labels: torch.Tensor       # (B, T) long: ids at target positions, -100 on prompt and padding
+    prompt_lens: torch.Tensor  # (B,) long: prompt tokens per row after truncation (router pools < it)
+    kinds: list[str]           # kind of each row
+    n_target: int              # target tokens in the batch: (labels != -100).sum()
+
+
+def collate(examples: list[tuple[list[int], list[int]]], kinds: list[str], pad_id: int) -> Batch:
+    T = max(len(p) + len(t) for p, t in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, (p, t) in enumerate(examples):
+        ids[b, :len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
+        labels[b, len(p):len(p) + len(t)] = torch.tensor(t, dtype=torch.long)
+    return Batch(ids, labels, torch.tensor([len(p) for p, _ in examples]), list(kinds),
+                 sum(len(t) for _, t in examples))
+
+
+def _draw(rng: np.random.Generator, idx: list[int], n: int) -> np.ndarray:
+    """n of idx: whole shuffled copies while n exceeds it (repeat), then a shuffled prefix (subsample)."""
+    copies = [rng.permutation(idx) for _ in range(-(-n // len(idx)))] if n else []
+    return np.concatenate(copies)[:n] if copies else np.zeros(0, dtype=int)
+
+
+def epoch_plan(kinds: list[str], lengths: list[int], batch_size: int, seed: int, epoch: int,
+               tool_fraction: float | None = 0.5) -> list[list[int]]:
+    """Rows of each batch of one epoch, a function of (seed, epoch) only. An epoch has len(kinds)
+    rows. tool_fraction = share of rows from tool conversations (tool_call and their reply steps,
+    which stay with them) vs planning rows; None, or a missing side, keeps the natural mix."""
+    rng = np.random.default_rng([seed, epoch])
+    tool = [i for i, k in enumerate(kinds) if k != "planning"]
+    plan = [i for i, k in enumerate(kinds) if k == "planning"]
+    if tool_fraction is None or not tool or not plan:
+        pool = rng.permutation(len(kinds))
+    else:
+        n_tool = round(tool_fraction * len(kinds))
+        pool = rng.permutation(np.concatenate([_draw(rng, tool, n_tool),
+                                               _draw(rng, plan, len(kinds) - n_tool)]))
+    # Length grouping: chunks of 50 batches, each sorted by length, so rows of a batch are alike.
+    order = []
+    for c in range(0, len(pool), 50 * batch_size):
+        chunk = sorted(pool[c:c + 50 * batch_size].tolist(), key=lambda i: lengths[i])
+        order += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [order[j] for j in rng.permutation(len(order))]
+
+
+def batches(encoded: list[tuple[list[int], list[int], str]], batch_size: int, max_len: int,
+            pad_id: int, seed: int, tool_fraction: float | None = 0.5,
+            start: int = 0) -> Iterator[Batch]:
+    """Infinite deterministic stream of training batches, beginning at batch index `start`
+    (resume at optimiser step k with start = k * grad_accum: nothing skipped is collated)."""
+    if not encoded:
+        raise ValueError("batches(): no examples")
+    kinds = [k for _, _, k in encoded]
+    lengths = [min(len(p) + len(t), max_len) for p, t, _ in encoded]
+    # Chunks hold whole batches, so every epoch has ceil(N / batch_size) batches.
+    epoch, skip = divmod(start, -(-len(encoded) // batch_size))
+    while True:
+        for rows in epoch_plan(kinds, lengths, batch_size, seed, epoch, tool_fraction)[skip:]:
+            examples = [truncate(encoded[i][0], encoded[i][1], max_len) for i in rows]
+            yield collate(examples, [kinds[i] for i in rows], pad_id)
+        epoch, skip = epoch + 1, 0
+
+
+# ---- summary CLI ----
+
+def load_tokenizer(path: str | None = None):
+    from tokenizers import Tokenizer
+    if path is None:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download("Qwen/Qwen2.5-0.5B-Instruct", "tokenizer.json")
+    return Tokenizer.from_file(path)
+
+
+def token_stats(steps: list[Step], tokenizer, max_len: int, batch_size: int = 4) -> dict:
+    """Length percentiles per kind, and the padding our batches waste vs padding to max_len."""
+    encoded = encode_all(steps, tokenizer)
+    stats = {"lengths": {}, "padding": {}}
+    for kind in KINDS:
+        n = np.array([len(p) + len(t) for p, t, k in encoded if k == kind])
+        if len(n):
+            stats["lengths"][kind] = {q: int(np.percentile(n, int(q[1:]))) for q in ("p50", "p90", "p99")}
+            stats["lengths"][kind].update(max=int(n.max()), over_max_len=int((n > max_len).sum()))
+    train = [e for e, s in zip(encoded, steps) if s.split == "train"]
+    lengths = [min(len(p) + len(t), max_len) for p, t, _ in train]
+    plan = epoch_plan([k for _, _, k in train], lengths, batch_size, seed=0, epoch=0)
+    real = sum(lengths[i] for rows in plan for i in rows)
+    grouped = sum(max(lengths[i] for i in rows) * len(rows) for rows in plan)
+    stats["padding"] = {"batch_size": batch_size, "max_len": max_len, "grouped": 1 - real / grouped,
+                        "fixed": 1 - real / (max_len * sum(len(r) for r in plan))}
+    return stats
+
+
+def print_summary(s: dict) -> None:
+    print(f"{'source':10}{'records':>9}{'train':>7}{'val':>6}{'test':>6}{'capped':>8}  files")
+    for name, r in s["sources"].items():
+        sp = r["splits"]
+        print(f"{name:10}{r['records']:>9}{sp.get('train', 0):>7}{sp.get('val', 0):>6}"
+              f"{sp.get('test', 0):>6}{r['capped']:>8}  {', '.join(r['files'])}")
+    print("steps:  " + "  ".join(f"{k} {s['steps'].get(k, 0)}" for k in KINDS))
+    print("splits: " + "  ".join(f"{k} {s['splits'].get(k, 0)}" for k in SPLITS))
+    if "lengths" in s:
+        print(f"tokens (prompt+target){'p50':>8}{'p90':>7}{'p99':>7}{'max':>7}  over max_len")
+        for kind, q in s["lengths"].items():
+            print(f"  {kind:20}{q['p50']:>8}{q['p90']:>7}{q['p99']:>7}{q['max']:>7}  {q['over_max_len']}")
+        p = s["padding"]
+        print(f"padding at batch size {p['batch_size']} (train, one epoch): length-grouped "
+              f"{p['grouped']:.1%} vs padded to {p['max_len']}: {p['fixed']:.1%}")
+    print("skipped records:")
+    for name, r in s["sources"].items():
+        for reason, n in r["skipped"].items():
+            print(f"  {name}: {n} x {reason} (first: {r['first_skipped'][reason]})")
+        if not r["skipped"]:
+            print(f"  {name}: none")
+    for path, why in s["ignored_files"].items():
+        print(f"ignored: {path} ({why})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Load the agentic data and print what it holds.")
+    ap.add_argument("--data-dir", help="read local files (recognised by shape) instead of the hub")
+    ap.add_argument("--cache-dir", help="huggingface_hub cache for the downloads")
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: Qwen2.5-0.5B-Instruct's, from the hub)")
+    ap.add_argument("--max-len", type=int, default=512, help="training length, for the padding figure")
+    ap.add_argument("--max-records", type=int, default=MAX_RECORDS, help="records kept per source")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    args = ap.parse_args(argv)
+    steps, summary = load_steps(args.data_dir, args.cache_dir, args.max_records)
+    summary.update(token_stats(steps, load_tokenizer(args.tokenizer), args.max_len))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print_summary(summary)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,237 @@
+"""LayerRoute on a frozen Qwen2: LoRA on q/k/v/o plus one straight-through router per block.
+
+A sequence's gates are decided once, from its prompt (every token before the first target token):
+at block i the router reads the mean of `input_layernorm(h)` over the prompt's real tokens, the
+first token excluded (its "massive activation" is a constant that a mean turns into a length
+signal), padding excluded. sigmoid(router) > 0.5 opens the gate; closed means h_out = h.
+
+- Training computes every block and mixes h + g * (block(h) - h): the straight-through gradient
+  (forward uses the hard gate, backward the sigmoid) needs block(h) even where g = 0.
+- Evaluation and generation compute a block only for the rows whose gate is open, and a KV cache
+  exists only for those rows: skipped compute is really not done.
+Because the prompt's hidden states are causal, teacher-forced scoring and generation see exactly
+the same gates, and no gate ever sees the tokens it is scored on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from qwen import KVCache, Qwen2
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear's weight and bias, with a trainable low-rank update beside them.
+
+    The base tensors keep their names (`q_proj.weight`), so the checkpoint's keys are unchanged;
+    the adapter adds `lora_A` (r, in) and `lora_B` (out, r). B starts at zero: output == base.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the usual nn.Linear / peft init
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold scale * B @ A into the base weight (for inference); the adapter is then off."""
+        self.weight += (self.scale * self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype)
+        self.enabled = False
+
+
+class RoutedCache:
+    """The KV cache of routed generation: the gates decided at prefill, and one KVCache per layer
+    holding only the rows whose gate is open there (None for a layer every row skips)."""
+
+    def __init__(self, batch: int, max_len: int):
+        self.batch, self.max_len, self.len = batch, max_len, 0
+        self.gates: torch.Tensor | None = None  # (B, L), set at prefill
+        self.layers: list[KVCache | None] = []
+
+
+class LayerRoute(nn.Module):
+    """Wraps a Qwen2: freezes it, adds LoRA and routers, and runs the routed block loop."""
+
+    def __init__(self, base: Qwen2, rank: int = 8, alpha: float = 16.0, dropout: float = 0.05,
+                 router_bias: float | list[float] = 1.0):
+        super().__init__()
+        self.base = base
+        self.settings = dict(rank=rank, alpha=alpha, dropout=dropout, router_bias=router_bias)
+        base.requires_grad_(False)
+        for block in base.layers:
+            attn = block.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(attn, name, LoRALinear(getattr(attn, name), rank, alpha, dropout))
+        d, L = base.cfg.hidden_size, base.cfg.num_hidden_layers
+        dev = base.embed_tokens.weight.device
+        self.routers = nn.ModuleList(nn.Linear(d, 1, device=dev) for _ in range(L))
+        # Neutral start: weight 0 gives every input the same score, sigmoid(bias); the bias is
+        # the same for every layer unless a list is given, so no layer band is pre-selected.
+        biases = router_bias if isinstance(router_bias, list) else [router_bias] * L
+        for router, b in zip(self.routers, biases):
+            nn.init.zeros_(router.weight)
+            nn.init.constant_(router.bias, b)
+        self.open_gates = False  # True: every gate open (LoRA-only), routers untouched
+        self.last_scores: torch.Tensor | None = None  # (B, L) sigmoid scores of the last forward
+        self.last_gates: torch.Tensor | None = None  # (B, L) hard 0/1 gates of the last forward
+
+    # ---- switches and parameter bookkeeping
+
+    def lora(self, enabled: bool):
+        """Turn every adapter on or off (off + open gates = the frozen base model)."""
+        for m in self.modules():
+            if isinstance(m, LoRALinear):
+                m.enabled = enabled
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def counts(self) -> dict[str, int]:
+        t = self.trainable()
+        lora = sum(p.numel() for n, p in t.items() if "lora_" in n)
+        routers = sum(p.numel() for n, p in t.items() if n.startswith("routers."))
+        backbone = sum(p.numel() for p in self.base.parameters() if not p.requires_grad)
+        return dict(lora=lora, routers=routers, trainable=lora + routers, backbone=backbone)
+
+    # ---- routing
+
+    def route(self, i: int, h: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+        """Router score sigmoid(w . pooled + b) of block i for each row: (B,), float32.
+
+        pooled = mean of input_layernorm(h) over positions 1 <= t < prompt_len: real prompt
+        tokens only, the first one excluded. The input is detached: the router reads the
+        residual stream, it does not steer it.
+        """
+        T = h.shape[1]
+        pos = torch.arange(T, device=h.device)
+        mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
+        normed = self.base.layers[i].input_layernorm(h.detach()).float()
+        pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+        r = self.routers[i]
+        return torch.sigmoid(F.linear(pooled, r.weight.float(), r.bias.float())).squeeze(-1)
+
+    def new_cache(self, batch: int, max_len: int) -> RoutedCache:
+        return RoutedCache(batch, max_len)
+
+    def forward(self, ids: torch.Tensor, prompt_lens: torch.Tensor | None = None,
+                cache: RoutedCache | None = None) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, vocab); the routing decision lands in last_scores/last_gates.
+
+        prompt_lens (B,): prompt tokens per row (teacher forcing). Without it the whole input is
+        the prompt (a generation prefill). With a cache past its prefill, the stored gates are used.
+        """
+        B, T = ids.shape
+        base, cfg = self.base, self.base.cfg
+        h = base.embed_tokens(ids)  # (B, T, d)
+        start = 0 if cache is None else cache.len
+        cos, sin = base.rope(start, T, ids.device, h.dtype)
+        prefill = cache is None or cache.gates is None
+        if prompt_lens is None:
+            prompt_lens = torch.full((B,), T, device=ids.device)
+        mix = self.training and torch.is_grad_enabled()
+        scores, gates = [], []
+        for i, block in enumerate(base.layers):
+            if prefill:
+                s = self.route(i, h, prompt_lens)  # (B,)
+                hard = torch.ones_like(s) if self.open_gates else (s > 0.5).float()
+                # Straight-through: value = the hard gate, gradient = sigmoid's. The bracket matters:
+                # hard + s - s.detach() would round 1 + s - s to 0.99999994.
+                g = hard + (s - s.detach())
+            else:
+                s = g = cache.gates[:, i]
+            scores.append(s)
+            gates.append(g)
+            if mix:  # training: every block computed, gate-0 rows get exactly h back
+                h = h + g.to(h.dtype)[:, None, None] * (block(h, cos, sin) - h)
+                continue
+            if prefill and cache is not None:  # keep KV only for the rows that run this block
+                rows = g.nonzero().squeeze(-1)
+                cache.layers.append(KVCache(rows, cfg.num_key_value_heads, cache.max_len, cfg.head_dim,
+                                            h.device, h.dtype) if len(rows) else None)
+            h = self.run_block(i, block, h, g, cos, sin, None if cache is None else cache.layers[i])
+        self.last_scores, self.last_gates = torch.stack(scores, 1), torch.stack(gates, 1).detach()
+        if cache is not None:
+            cache.gates = self.last_gates if prefill else cache.gates
+            cache.len += T
+        return base.lm_head(base.norm(h))
+
+    @staticmethod
+    def run_block(i, block, h, g, cos, sin, kv: KVCache | None) -> torch.Tensor:
+        """Compute block i only for the rows whose gate is open; the others pass h through."""
+        if kv is not None:
+            rows = kv.rows
+        else:
+            rows = g.nonzero().squeeze(-1)
+        if len(rows) == 0:
+            return h
+        if len(rows) == h.shape[0]:
+            return block(h, cos, sin, kv)
+        return h.index_copy(0, rows, block(h.index_select(0, rows), cos, sin, kv))
+
+
+def gate_loss(scores: torch.Tensor) -> torch.Tensor:
+    """The paper's regulariser: mean router probability over layers and batch (times lambda outside)."""
+    return scores.mean()
+
+
+# ---- adapters on disk
+
+def save_adapters(model: LayerRoute, folder: str, settings: dict):
+    """Trainable tensors only (LoRA + routers) as safetensors, settings as JSON; both atomic."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = {n: p.detach().float().contiguous().cpu() for n, p in model.trainable().items()}
+    atomic_write(os.path.join(folder, "adapters.safetensors"), lambda tmp: save_file(tensors, tmp))
+    atomic_write(os.path.join(folder, "run.json"),
+                 lambda tmp: open(tmp, "w").write(json.dumps(settings, indent=2, default=str)))
+
+
+def load_adapters(model: LayerRoute, path: str):
+    """Load LoRA + router tensors, checking names and shapes against the model."""
+    tensors = load_file(path)
+    expected = model.trainable()
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    bad = [n for n in set(expected) & set(tensors) if expected[n].shape != tensors[n].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{path}: adapters do not match the model: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}, wrong shape {sorted(bad)[:4]}")
+    with torch.no_grad():
+        for n, p in expected.items():
+            p.copy_(tensors[n])
+
+
+def atomic_write(path: str, write):
+    """write(tmp_path), then rename over path: a reader never sees a half-written file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_run(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Rebuild a trained LayerRoute from its run folder alone: (model in eval mode, tokenizer or None, settings)."""
+    from qwen import QwenConfig, load_model, load_tokenizer, random_model
+    with open(os.path.join(folder, "run.json")) as f:
+        settings = json.load(f)
+    if settings.get("random_init"):
+        base, tok = random_model(QwenConfig.from_json(settings["random_init"]), device, dtype, settings["seed"]), None
+    else:
+        base, tok = load_model(settings["model"], device, dtype), load_tokenizer(settings["model"])
+    model = LayerRoute(base, **settings["lora"])
+    load_adapters(model, os.path.join(folder, "adapters.safetensors"))
+    return model.to(device).eval(), tok, settings

@@ -1,0 +1,213 @@
+"""Train LayerRoute (LoRA + routers) on a frozen Qwen2: the paper's setup by default.
+
+    python train.py --steps 3000                          # Qwen2.5-0.5B-Instruct, the four datasets
+    python train.py --model DIR --data-dir ../shared/data --device cpu --steps 300 --max-len 256
+    python train.py --random-init ../shared/configs/qwen2.5-0.5b-instruct.json --steps 300  # timing only
+
+Writes OUT/log.jsonl (one line per logged step), OUT/adapters.safetensors (trainable tensors only),
+OUT/run.json (every setting, so eval.py needs nothing else) and OUT/optimizer.safetensors (for
+--resume), all atomically, every --save-every steps and at the end. Resuming continues the same
+learning-rate schedule, data order and dropout masks: the result equals an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import layerroute as lr
+import qwen
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train LayerRoute: LoRA + straight-through routers on a frozen Qwen2.")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or checkpoint folder")
+    p.add_argument("--random-init", metavar="CONFIG.json", help="random weights of this config's exact shapes "
+                   "and synthetic batches (timing with no download)")
+    p.add_argument("--data-dir", help="read local data files instead of downloading the four sources")
+    p.add_argument("--out", default="runs/layerroute", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last save")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: bfloat16 "
+                   "autocast on CUDA, float32 on CPU)")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (0: build, print counts, exit)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimiser step")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of LoRA")
+    p.add_argument("--router-lr-mult", type=float, default=10.0, help="router learning rate = lr x this")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (oldest prompt tokens cut)")
+    p.add_argument("--gate-lambda", type=float, default=1.0, help="weight of the gate regulariser mean(sigmoid)")
+    p.add_argument("--router-bias", type=float, default=1.0, help="initial router bias of every layer "
+                   "(weights start at 0; sigmoid(1.0) = 0.73, every gate open at step 0)")
+    p.add_argument("--tool-fraction", type=float, default=0.5, help="share of tool-call steps in the training "
+                   "mix (the paper's was about half); <0 keeps the data's natural mix")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace):
+    """The wrapped model and the compute dtype. The frozen backbone is stored in the compute dtype;
+    LoRA and routers stay float32 (bf16 autocast on CUDA does the mixed precision)."""
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    torch.manual_seed(args.seed)
+    if args.random_init:
+        base = qwen.random_model(qwen.QwenConfig.from_json(args.random_init), args.device, dtype, args.seed)
+    else:
+        base = qwen.load_model(args.model, args.device, dtype)
+    model = lr.LayerRoute(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.router_bias)
+    return model.to(args.device), dtype
+
+
+def training_batches(args, model, start: int):
+    """An endless, deterministic stream of micro-batches, beginning at micro-batch `start`."""
+    import data
+    if args.random_init:  # synthetic: full-length rows, half prompt, half target
+        return synthetic_batches(args, model.base.cfg.vocab_size, start)
+    tok = qwen.load_tokenizer(args.model)
+    steps, summary = data.load_steps(args.data_dir)
+    train = [s for s in steps if s.split == "train"]
+    print(f"data: {len(train)} training steps, " + ", ".join(f"{k} {v}" for k, v in summary["steps"].items()),
+          file=sys.stderr)
+    encoded = [(*data.encode(s, tok), s.kind) for s in train]
+    pad = tok.token_to_id("<|endoftext|>") or 0
+    frac = None if args.tool_fraction < 0 else args.tool_fraction
+    return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start)
+
+
+def synthetic_batches(args, vocab: int, start: int):
+    import data
+    g = torch.Generator().manual_seed(args.seed)
+    kinds = ["tool_call", "planning"]
+    i = 0
+    while True:
+        ids = torch.randint(0, vocab, (args.batch_size, args.max_len), generator=g).tolist()
+        if i >= start:
+            half = args.max_len // 2
+            yield data.collate([(r[:half], r[half:]) for r in ids],
+                               [kinds[(i + b) % 2] for b in range(args.batch_size)], 0)
+        i += 1
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warm-up to 1, then cosine to 0 over the remaining steps (a multiplier of --lr)."""
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: lr.LayerRoute, args) -> torch.optim.AdamW:
+    named = model.trainable()
+    groups = [{"params": [p for n, p in named.items() if "lora_" in n], "lr": args.lr},
+              {"params": [p for n, p in named.items() if n.startswith("routers.")], "lr": args.lr * args.router_lr_mult}]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    fused = args.device.startswith("cuda")
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0, fused=fused)
+
+
+def save(model, opt, args, step: int, counts: dict):
+    """adapters + run.json (lr.save_adapters) and the optimiser moments for --resume."""
+    names = {id(p): n for n, p in model.trainable().items()}
+    moments = {}
+    for p, st in opt.state.items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            moments[f"{names[id(p)]}.{k}"] = st[k].detach().cpu().contiguous()
+        moments[f"{names[id(p)]}.step"] = st["step"].detach().float().cpu().reshape(1)
+    lr.atomic_write(os.path.join(args.out, "optimizer.safetensors"), lambda tmp: save_file(moments, tmp))
+    settings = {**vars(args), "step": step, "counts": counts, "lora": model.settings}
+    lr.save_adapters(model, args.out, settings)
+
+
+def restore(model, opt, args) -> int:
+    """Load adapters and optimiser moments from args.out; return the step to continue from."""
+    with open(os.path.join(args.out, "run.json")) as f:
+        saved = json.load(f)
+    for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init"):
+        if saved.get(k) != getattr(args, k):
+            raise ValueError(f"--resume: {k}={getattr(args, k)!r} but the run in {args.out} used {saved.get(k)!r}")
+    lr.load_adapters(model, os.path.join(args.out, "adapters.safetensors"))
+    moments = load_file(os.path.join(args.out, "optimizer.safetensors"))
+    for n, p in model.trainable().items():
+        if f"{n}.exp_avg" in moments:
+            opt.state[p] = {"step": moments[f"{n}.step"].reshape(()),
+                            "exp_avg": moments[f"{n}.exp_avg"].to(p.device),
+                            "exp_avg_sq": moments[f"{n}.exp_avg_sq"].to(p.device)}
+    return saved["step"]
+
+
+def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute:
+    """The training loop. stop_at ends early after that step, as an interruption would (tests)."""
+    model, dtype = build(args)
+    counts = model.counts()
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) +
+          f" ({100 * counts['trainable'] / counts['backbone']:.2f}% trainable)", file=sys.stderr)
+    if args.steps == 0:
+        return model
+    os.makedirs(args.out, exist_ok=True)
+    opt = make_optimizer(model, args)
+    step = restore(model, opt, args) if args.resume else 0
+    batches = training_batches(args, model, start=step * args.grad_accum)
+    autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    model.train()
+    t_last, tokens, skips = time.time(), 0, {}
+    while step < args.steps:
+        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout masks depend on the step alone
+        micro = [next(batches) for _ in range(args.grad_accum)]
+        n_target = sum(b.n_target for b in micro)  # the loss is per target token of the whole step
+        lm_sum = gate_sum = 0.0
+        for b in micro:
+            ids, labels = b.ids.to(args.device), b.labels.to(args.device)
+            with autocast:
+                logits = model(ids, b.prompt_lens.to(args.device))
+            # labels[t] is the token that position t-1 predicts; prompt and padding are -100.
+            lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                 ignore_index=-100, reduction="sum") / n_target
+            gate = args.gate_lambda * lr.gate_loss(model.last_scores) / args.grad_accum
+            (lm + gate).backward()
+            lm_sum, gate_sum = lm_sum + lm.item(), gate_sum + gate.item()
+            tokens += int(b.ids.numel())
+            for kind, closed in zip(b.kinds, (1 - model.last_gates).mean(1).tolist()):
+                skips.setdefault(kind, []).append(closed)
+        torch.nn.utils.clip_grad_norm_(list(model.trainable().values()), args.clip)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_at(step, args)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            dt, t_last = time.time() - t_last, time.time()
+            rec = {"step": step, "loss": lm_sum, "gate_loss": gate_sum, "lr": opt.param_groups[0]["lr"],
+                   "tok_per_s": tokens / dt, **{f"skip_{k}": 100 * sum(v) / len(v) for k, v in sorted(skips.items())}}
+            eta = (args.steps - step) * dt / args.log_every
+            print(f"step {step}/{args.steps} | lm {lm_sum:.4f} | gate {gate_sum:.4f} | skip % " +
+                  " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in sorted(skips)) +
+                  f" | {rec['tok_per_s']:,.0f} tok/s | eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            tokens, skips = 0, {}
+        if step % args.save_every == 0 or step == args.steps:
+            save(model, opt, args, step, counts)
+        if stop_at is not None and step >= stop_at:
+            break
+    log.close()
+    return model
+
+
+if __name__ == "__main__":
+    train(parse_args())

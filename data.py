@@ -99,6 +99,9 @@ def _loads(text: str, what: str):
         raise Skip(f"{what} is neither JSON nor a Python literal") from None
 
 
+SPACES = re.compile(r"\s*")
+
+
 def _values(text: str, what: str) -> list:
     """One value, or several JSON objects written one after another (glaive's system prompt)."""
     try:
@@ -107,7 +110,7 @@ def _values(text: str, what: str) -> list:
     except Skip:
         pass
     decoder, out, i = json.JSONDecoder(strict=False), [], 0
-    while (i := re.compile(r"\s*").match(text, i).end()) < len(text):
+    while (i := SPACES.match(text, i).end()) < len(text):
         try:
             value, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError:
@@ -116,27 +119,24 @@ def _values(text: str, what: str) -> list:
     return out
 
 
-def _call(obj) -> dict:
-    """Normalise a call to {"name": str, "arguments": dict}; OpenAI nests it under "function"."""
+def _named(obj, what: str) -> dict:
+    """obj, or the dict under its "function" key (OpenAI's wrapping); either way it needs a name."""
     if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
         obj = obj["function"]
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        raise Skip("tool call has no name")
+        raise Skip(f"{what} has no name")
+    return obj
+
+
+def _call(obj) -> dict:
+    """Normalise a call to {"name": str, "arguments": dict}."""
+    obj = _named(obj, "tool call")
     args = obj.get("arguments", {})
     if isinstance(args, str):  # glaive and OpenAI write the arguments as a JSON string
         args = _loads(args, "tool call arguments") if args.strip() else {}
     if not isinstance(args, dict):
         raise Skip("tool call arguments are not an object")
     return {"name": obj["name"], "arguments": args}
-
-
-def _tool(obj) -> dict:
-    """A function signature, unwrapped from {"type": "function", "function": {...}} if wrapped."""
-    if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
-        obj = obj["function"]
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        raise Skip("tool definition has no name")
-    return obj
 
 
 def _msg(role: str, content, calls: list | None = None) -> dict:
@@ -175,13 +175,15 @@ def read_hermes(rec: dict):
     msgs, tools = [], []
     for role, value in _turns(rec):
         if role == "system" and (m := TOOLS_RE.search(value)):
-            tools = [_tool(t) for t in _values(m.group(1).strip(), "tool list")]
+            tools = [_named(t, "tool definition") for t in _values(m.group(1).strip(), "tool list")]
             msgs.append(_msg("system", value[:m.start()]))  # keep the framing, drop hermes' format text
         elif role in ("system", "human"):
             msgs.append(_msg("system" if role == "system" else "user", value))
         elif role == "gpt":
             calls = [_call(_loads(c, "tool call")) for c in CALL_RE.findall(value)]
-            msgs.append(_msg("assistant", CALL_RE.sub("", value), calls))
+            if "<tool_call>" in (text := CALL_RE.sub("", value)):
+                raise Skip("unclosed <tool_call>")
+            msgs.append(_msg("assistant", text, calls))
         elif role == "tool":  # one message per <tool_response> block; they share a user turn
             msgs += [_msg("tool", r) for r in RESPONSE_RE.findall(value) or [value]]
         else:
@@ -201,13 +203,13 @@ def read_sharegpt(rec: dict):
             msgs.append(_msg(SHAREGPT_ROLES[role], value))
         else:
             raise Skip("unknown turn role")
-    return msgs, [_tool(t) for t in (tools if isinstance(tools, list) else [tools])], None
+    return msgs, [_named(t, "tool definition") for t in (tools if isinstance(tools, list) else [tools])], None
 
 
 def read_glaive(rec: dict):
     system = _field(rec, "system", str).strip().removeprefix("SYSTEM:").strip()
     head, brace, functions = system.partition("\n{")  # signatures follow as pretty-printed JSON
-    tools = [_tool(t) for t in _values(brace.strip() + functions, "tool list")] if brace else []
+    tools = [_named(t, "tool definition") for t in _values(brace.strip() + functions, "tool list")] if brace else []
     msgs = [_msg("system", head.strip().removesuffix("-"))]
     parts = GLAIVE_TURN.split(_field(rec, "chat", str))
     if parts[0].strip():
@@ -239,7 +241,7 @@ def read_openai(rec: dict):
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         msgs.append(_msg(m["role"], content, [_call(c) for c in m.get("tool_calls") or []]))
     tools = rec.get("tools") or []
-    return msgs, [_tool(t) for t in (tools if isinstance(tools, list) else [tools])], None
+    return msgs, [_named(t, "tool definition") for t in (tools if isinstance(tools, list) else [tools])], None
 
 
 def read_gsm8k(rec: dict):
@@ -300,8 +302,9 @@ def render_assistant(content: str, calls: list[dict]) -> str:
 
 def to_steps(source: str, rid: str, split: str, msgs: list[dict], tools: list[dict],
              final: str | None) -> list[Step]:
-    system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
-    turns = msgs[1:] if system is not None else msgs
+    has_system = bool(msgs) and msgs[0]["role"] == "system"
+    system = msgs[0]["content"] or None if has_system else None  # empty -> Qwen's default
+    turns = msgs[1:] if has_system else msgs
     if not any(m["role"] == "assistant" for m in turns):
         raise Skip("no assistant turn")
     text, steps = render_system(system, tools), []
@@ -370,7 +373,7 @@ def scan(root: Path) -> tuple[list[tuple[str, str, list]], dict[str, str]]:
         except (ValueError, ImportError, OSError, UnicodeDecodeError) as e:
             ignored[str(path)] = str(e)
             continue
-        votes = Counter(sniff(r) for r in records[:50] if r is not BAD_LINE) - Counter({None: 1 << 60})
+        votes = Counter(fmt for r in records[:50] if (fmt := sniff(r)))  # the file's majority format
         if not votes:
             ignored[str(path)] = "records match no known format"
             continue
@@ -413,38 +416,51 @@ def load_steps(data_dir: str | None = None, cache_dir: str | None = None,
     found, ignored = scan(Path(data_dir)) if data_dir else (download(cache_dir), {})
     if not found:
         raise FileNotFoundError(f"{data_dir}: no recognisable data file; ignored: {ignored}")
-    kept, sources = defaultdict(dict), {}  # kept: source -> {record id: its steps}
+    sources, pending = {}, defaultdict(dict)  # pending: source -> {record id: (where, record, split)}
     for source, path, records in found:
-        rep = sources.setdefault(source, {"files": [], "records": 0, "skipped": Counter(),
-                                          "first_skipped": {}})
+        rep = sources.setdefault(source, {"files": [], "records": 0, "splits": Counter(),
+                                          "skipped": Counter(), "first_skipped": {}, "capped": 0})
         rep["files"].append(path)
         own = ("test" if "test" in Path(path).name.lower() else "train") if source == "gsm8k" else None
         for i, rec in enumerate(records):
-            try:
-                if rec is BAD_LINE or not isinstance(rec, dict):
-                    raise Skip("line is not a JSON object")
-                msgs, tools, final = READERS[source](rec)
-                rid = record_id(rec)
-                if rid in kept[source]:
-                    raise Skip("duplicate record id")
-                kept[source][rid] = to_steps(source, rid, split_of(source, rid, own), msgs, tools, final)
-            except Skip as e:
-                rep["skipped"][str(e)] += 1
-                rep["first_skipped"].setdefault(str(e), f"{path}#{i}")
+            rid = record_id(rec) if isinstance(rec, dict) else None
+            reason = ("line is not a JSON object" if rid is None else
+                      "duplicate record id" if rid in pending[source] else None)
+            if reason:
+                _skipped(rep, reason, f"{path}#{i}")
+            else:
+                pending[source][rid] = (f"{path}#{i}", rec, own)
     steps = []
     for source, rep in sources.items():
-        if not kept[source]:
+        # Parse in the order of a hash of the ids, so the cap keeps a stable, unbiased sample and
+        # records past it are never rendered (glaive-v2 alone has ~113k).
+        order = sorted(pending[source], key=lambda r: _unit(f"cap:{source}:{r}"))
+        for n, rid in enumerate(order):
+            if rep["records"] == max_records:
+                rep["capped"] = len(order) - n
+                break
+            where, rec, own = pending[source][rid]
+            try:
+                msgs, tools, final = READERS[source](rec)
+                new = to_steps(source, rid, split_of(source, rid, own), msgs, tools, final)
+            except Skip as e:
+                _skipped(rep, str(e), where)
+                continue
+            rep["records"] += 1
+            rep["splits"][new[0].split] += 1
+            steps += new
+        if not rep["records"]:
             raise ValueError(f"source '{source}' yielded no steps from {rep['files']}: "
                              f"every record was skipped ({dict(rep['skipped'])})")
-        rids = sorted(kept[source], key=lambda r: _unit(f"cap:{source}:{r}"))[:max_records]
-        rep["capped"] = len(kept[source]) - len(rids)
-        rep["records"] = len(rids)
-        rep["splits"] = dict(Counter(kept[source][r][0].split for r in rids))
-        rep["skipped"] = dict(rep["skipped"])
-        steps += [s for r in sorted(rids) for s in kept[source][r]]
+        rep["splits"], rep["skipped"] = dict(rep["splits"]), dict(rep["skipped"])
     summary = {"sources": sources, "steps": dict(Counter(s.kind for s in steps)),
                "splits": dict(Counter(s.split for s in steps)), "ignored_files": ignored}
     return steps, summary
+
+
+def _skipped(rep: dict, reason: str, where: str) -> None:
+    rep["skipped"][reason] += 1
+    rep["first_skipped"].setdefault(reason, where)
 
 
 # ---- tokens and batches ----
@@ -558,6 +574,8 @@ def token_stats(steps: list[Step], tokenizer, max_len: int, batch_size: int = 4)
             stats["lengths"][kind] = {q: int(np.percentile(n, int(q[1:]))) for q in ("p50", "p90", "p99")}
             stats["lengths"][kind].update(max=int(n.max()), over_max_len=int((n > max_len).sum()))
     train = [e for e, s in zip(encoded, steps) if s.split == "train"]
+    if not train:
+        return stats
     lengths = [min(len(p) + len(t), max_len) for p, t, _ in train]
     plan = epoch_plan([k for _, _, k in train], lengths, batch_size, seed=0, epoch=0)
     real = sum(lengths[i] for rows in plan for i in rows)
@@ -579,7 +597,7 @@ def print_summary(s: dict) -> None:
         print(f"tokens (prompt+target){'p50':>8}{'p90':>7}{'p99':>7}{'max':>7}  over max_len")
         for kind, q in s["lengths"].items():
             print(f"  {kind:20}{q['p50']:>8}{q['p90']:>7}{q['p99']:>7}{q['max']:>7}  {q['over_max_len']}")
-        p = s["padding"]
+    if p := s.get("padding"):
         print(f"padding at batch size {p['batch_size']} (train, one epoch): length-grouped "
               f"{p['grouped']:.1%} vs padded to {p['max_len']}: {p['fixed']:.1%}")
     print("skipped records:")

@@ -129,6 +129,240 @@ def test_qwen_flops_hand_count():
 # ---- end qwen ----
 
 # ---- data ----
+
+import itertools  # noqa: E402
+
+import data  # noqa: E402
+
+# Qwen2.5's system turn with tools, written out by hand from its chat_template.
+QWEN_TOOLS_HEAD = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+QWEN_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and "
+                   "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                   '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n')
+QWEN_DEFAULT = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+
+HERMES = [  # tools and calls as Python-dict literals, two calls in one turn, two results in one tool turn
+    {"id": "h-ok", "conversations": [
+        {"from": "system", "value": "You are a function calling AI model.\n<tools>\n[{'type': 'function', "
+         "'function': {'name': 'get_weather', 'parameters': {'type': 'object', 'properties': {'city': "
+         "{'type': 'string'}}}}}, {'type': 'function', 'function': {'name': 'get_time', 'parameters': {}}}]"
+         "\n</tools>\nFor each function call return a json object ... {'arguments': <args-dict>, "
+         "'name': <function-name>}\n</tool_call>\n"},
+        {"from": "human", "value": "Weather and time in Zürich?"},
+        {"from": "gpt", "value": "Let me check.\n<tool_call>\n{'arguments': {'city': 'Zürich', 'metric': True},"
+         " 'name': 'get_weather'}\n</tool_call>\n<tool_call>\n{'arguments': {}, 'name': 'get_time'}\n</tool_call>\n"},
+        {"from": "tool", "value": "<tool_response>\n{\"temp\": 21}\n</tool_response>\n<tool_response>\n10:00\n"
+         "</tool_response>\n"},
+        {"from": "gpt", "value": "It is 21 degrees."}]},
+    {"id": "h-broken", "conversations": [  # an unclosed dict: neither JSON nor a Python literal
+        {"from": "human", "value": "x"}, {"from": "gpt", "value": "<tool_call>\n{'name': 'f'\n</tool_call>"}]},
+    {"id": "h-text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+]
+GLAIVE = [  # arguments as a quoted JSON string; a chat with no call; a record without its chat
+    {"system": "SYSTEM: You are a helpful assistant with access to the following functions. Use them if "
+     "required -\n{\n    \"name\": \"convert\",\n    \"parameters\": {}\n}\n",
+     "chat": "USER: 5 USD in EUR?\n\n\nASSISTANT: <functioncall> {\"name\": \"convert\", \"arguments\": "
+     "'{\"amount\": 5, \"to\": \"EUR\"}'} <|endoftext|>\n\n\nFUNCTION RESPONSE: {\"result\": 4.6}\n\n\n"
+     "ASSISTANT: 4.6 EUR. <|endoftext|>\n\n\n"},
+    {"system": "SYSTEM: You are a helpful assistant, with no access to external functions.",
+     "chat": "USER: Hi\n\n\nASSISTANT: Hello! <|endoftext|>"},
+    {"system": "SYSTEM: no chat here"},
+]
+SHAREGPT = [{"conversations": [  # LLaMA-Factory's shape: parallel calls as a list
+    {"from": "human", "value": "Add 1+2 and 3+4"},
+    {"from": "function_call", "value": "[{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}, "
+     "{\"name\": \"add\", \"arguments\": {\"a\": 3, \"b\": 4}}]"},
+    {"from": "observation", "value": "3, 7"}, {"from": "gpt", "value": "3 and 7."}],
+    "tools": "[{\"name\": \"add\", \"parameters\": {}}]"}]
+OPENAI = {"messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{\"host\": \"a\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "pong"}, {"role": "assistant", "content": "Up."}],
+    "tools": [{"type": "function", "function": {"name": "ping", "parameters": {}}}]}
+GSM8K_TRAIN = [{"question": "2+2?", "answer": "2+2=<<2+2=4>>4\n#### 4"},
+               {"question": "Big?", "answer": "It is big.\n#### 1,234"}, {"question": "No mark?", "answer": "5"}]
+TURING = [{"conversation_id": "t1", "domain": "Physics", "sub-domain": "Mechanics", "question": "g?",
+           "answer": "9.81 m/s^2", "code": ""}]
+
+
+def write_fixtures(root) -> str:
+    """Every native format in its own file, plus files a folder of data really holds (README, LICENSE)."""
+    (root / "hermes").mkdir()
+    (root / "hermes" / "func-calling.json").write_text(json.dumps(HERMES))
+    (root / "glaive-function-calling-v2.json").write_text(json.dumps(GLAIVE))
+    (root / "my_agent.json").write_text(json.dumps(SHAREGPT))
+    (root / "chats.jsonl").write_text(json.dumps(OPENAI) + "\n{broken json\n")
+    (root / "gsm8k").mkdir()
+    (root / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_TRAIN))
+    (root / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    (root / "Computational_STEM_QA_Dataset.json").write_text(json.dumps(TURING))
+    (root / "README.md").write_text("# data\n")
+    (root / "LICENSE").write_text("MIT\n")
+    return str(root)
+
+
+def by_source(steps) -> dict:
+    out = {}
+    for s in steps:
+        out.setdefault(s.source, []).append(s)
+    return out
+
+
+def tiny_tokenizer():
+    """A byte-level BPE with no merges (one id per byte) plus ChatML's added tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    return tok
+
+
+def test_data_hermes_rendering_exact(tmp_path):
+    steps, summary = data.load_steps(write_fixtures(tmp_path))
+    call, reply = [s for s in by_source(steps)["hermes"] if s.id.startswith("hermes:h-ok:")]
+    (text,) = [s for s in by_source(steps)["hermes"] if s.id.startswith("hermes:h-text:")]
+    system = ("<|im_start|>system\nYou are a function calling AI model." + QWEN_TOOLS_HEAD +
+              '\n{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", '
+              '"properties": {"city": {"type": "string"}}}}}\n{"type": "function", "function": {"name": '
+              '"get_time", "parameters": {}}}' + QWEN_TOOLS_TAIL)
+    assert call.prompt == system + "<|im_start|>user\nWeather and time in Zürich?<|im_end|>\n<|im_start|>assistant\n"
+    assert call.target == ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", '
+                           '"metric": true}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n'
+                           "</tool_call><|im_end|>")
+    assert call.kind == "tool_call" and call.answer == [
+        {"name": "get_weather", "arguments": {"city": "Zürich", "metric": True}}, {"name": "get_time", "arguments": {}}]
+    # Both results share one user turn; the summary after them is a reply.
+    assert reply.prompt == (call.prompt + call.target + "\n<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n"
+                            "</tool_response>\n<tool_response>\n10:00\n</tool_response><|im_end|>\n"
+                            "<|im_start|>assistant\n")
+    assert (reply.target, reply.kind, reply.answer) == ("It is 21 degrees.<|im_end|>", "reply", None)
+    assert text.prompt == QWEN_DEFAULT + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert summary["sources"]["hermes"]["skipped"] == {"tool call is neither JSON nor a Python literal": 1}
+
+
+def test_data_glaive_sharegpt_openai_calls_exact(tmp_path):
+    src = by_source(data.load_steps(write_fixtures(tmp_path))[0])
+    call = next(s for s in src["glaive"] if s.kind == "tool_call")
+    assert call.prompt == ("<|im_start|>system\nYou are a helpful assistant with access to the following functions."
+                           " Use them if required" + QWEN_TOOLS_HEAD + '\n{"type": "function", "function": '
+                           '{"name": "convert", "parameters": {}}}' + QWEN_TOOLS_TAIL +
+                           "<|im_start|>user\n5 USD in EUR?<|im_end|>\n<|im_start|>assistant\n")
+    assert call.target == '<tool_call>\n{"name": "convert", "arguments": {"amount": 5, "to": "EUR"}}\n</tool_call><|im_end|>'
+    assert sorted(s.target for s in src["glaive"] if s.kind == "reply") == ["4.6 EUR.<|im_end|>", "Hello!<|im_end|>"]
+    sharegpt = src["sharegpt"]
+    assert sharegpt[0].target == ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+                                  '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>')
+    assert sharegpt[1].prompt.endswith("<|im_start|>user\n<tool_response>\n3, 7\n</tool_response><|im_end|>\n"
+                                       "<|im_start|>assistant\n")
+    openai = src["openai"]
+    assert [s.kind for s in openai] == ["tool_call", "reply"]
+    assert openai[0].answer == [{"name": "ping", "arguments": {"host": "a"}}]
+    assert openai[0].target == '<tool_call>\n{"name": "ping", "arguments": {"host": "a"}}\n</tool_call><|im_end|>'
+
+
+def test_data_planning_answers_and_own_split(tmp_path):
+    src = by_source(data.load_steps(write_fixtures(tmp_path))[0])
+    gsm = {s.answer: s for s in src["gsm8k"]}
+    assert set(gsm) == {"4", "1234", "2"} and all(s.kind == "planning" for s in gsm.values())
+    assert gsm["4"].prompt == QWEN_DEFAULT + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert gsm["4"].target == "2+2=4\n#### 4<|im_end|>"  # calculator annotation dropped
+    assert gsm["2"].split == "test" and gsm["4"].split in ("train", "val")  # gsm8k's test file stays test
+    (turing,) = src["turing"]
+    assert (turing.kind, turing.answer, turing.target) == ("planning", "9.81 m/s^2", "9.81 m/s^2<|im_end|>")
+    assert turing.id == "turing:t1:0"
+
+
+def test_data_skipped_counted_ignored_listed_and_empty_source_fails(tmp_path):
+    _, summary = data.load_steps(write_fixtures(tmp_path))
+    src = summary["sources"]
+    assert src["glaive"]["skipped"] == {"missing or non-str field 'chat'": 1}
+    assert src["openai"]["skipped"] == {"line is not a JSON object": 1}
+    assert src["gsm8k"]["skipped"] == {"answer has no '#### N' line": 1}
+    assert src["openai"]["first_skipped"]["line is not a JSON object"].endswith("chats.jsonl#1")
+    assert {os.path.basename(p) for p in summary["ignored_files"]} == {"README.md", "LICENSE"}
+    assert summary["steps"] == {"tool_call": 4, "reply": 6, "planning": 4}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "func-calling.json").write_text(json.dumps(HERMES[1:2]))
+    with pytest.raises(ValueError, match="source 'hermes' yielded no steps.*neither JSON nor a Python literal"):
+        data.load_steps(str(bad))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no recognisable data file"):
+        data.load_steps(str(tmp_path / "empty"))
+
+
+def test_data_splits_deterministic_and_disjoint(tmp_path):
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"},
+               {"from": "human", "value": "more"}, {"from": "gpt", "value": "b"}]} for i in range(300)]
+    (tmp_path / "func-calling.json").write_text(json.dumps(records))
+    first, second = data.load_steps(str(tmp_path))[0], data.load_steps(str(tmp_path))[0]
+    assert [(s.id, s.split) for s in first] == [(s.id, s.split) for s in second]
+    split_of = {}
+    for s in first:  # every step of a conversation lands in the conversation's one split
+        assert split_of.setdefault(s.id.rsplit(":", 1)[0], s.split) == s.split
+    counts = {k: list(split_of.values()).count(k) for k in data.SPLITS}
+    assert 200 < counts["train"] < 280 and counts["val"] > 10 and counts["test"] > 10  # ~80/10/10
+    capped, summary = data.load_steps(str(tmp_path), max_records=50)  # a stable subset, same splits
+    assert summary["sources"]["hermes"]["records"] == 50 and summary["sources"]["hermes"]["capped"] == 250
+    assert {(s.id, s.split) for s in capped} <= {(s.id, s.split) for s in first}
+
+
+def test_data_encode_gives_single_special_ids(tmp_path):
+    tok = tiny_tokenizer()
+    steps = data.load_steps(write_fixtures(tmp_path))[0]
+    special = {t: tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<tool_call>")}
+    for step in steps:
+        prompt, target = data.encode(step, tok)
+        assert tok.decode(prompt + target, skip_special_tokens=False) == step.prompt + step.target
+        assert prompt[0] == special["<|im_start|>"] and target[-1] == special["<|im_end|>"]
+        if step.kind == "tool_call" and step.target.startswith("<tool_call>"):
+            assert target[0] == special["<tool_call>"]
+    assert [e[:2] for e in data.encode_all(steps, tok)] == [data.encode(s, tok) for s in steps]
+
+
+def test_data_truncate_keeps_target_and_drops_oldest_prompt():
+    prompt, target = list(range(10)), [100, 101, 102]
+    assert data.truncate(prompt, target, 20) == (prompt, target)
+    assert data.truncate(prompt, target, 8) == ([5, 6, 7, 8, 9], target)
+    assert data.truncate([1, 2, 3], list(range(100, 120)), 8) == ([3], list(range(100, 107)))
+
+
+def test_data_batches_pad_only_to_own_longest_and_resume_exactly():
+    rng = torch.Generator().manual_seed(0)
+    kinds = ["planning"] * 30 + ["tool_call", "reply"] * 5
+    encoded = [(list(range(1, 2 + int(torch.randint(0, 12, (1,), generator=rng)))),
+                [7] * (1 + int(torch.randint(0, 6, (1,), generator=rng))), k) for k in kinds]
+    stream = list(itertools.islice(data.batches(encoded, 4, 12, pad_id=0, seed=3), 25))  # 10 per epoch
+    for b in stream:
+        lens = b.prompt_lens + (b.labels != -100).sum(1)
+        assert b.ids.shape[1] == int(lens.max())  # padded to its own longest row, no further
+        assert b.n_target == int((b.labels != -100).sum()) and len(b.kinds) == b.ids.shape[0]
+        for r in range(b.ids.shape[0]):
+            p, n = int(b.prompt_lens[r]), int(lens[r])
+            assert (b.labels[r, :p] == -100).all() and (b.labels[r, n:] == -100).all()
+            assert (b.labels[r, p:n] == b.ids[r, p:n]).all() and (b.ids[r, n:] == 0).all()
+    again = list(itertools.islice(data.batches(encoded, 4, 12, pad_id=0, seed=3, start=8), 5))
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(again, stream[8:13]))  # resume across an epoch end
+    epoch = stream[:10]
+    assert sum(k != "planning" for b in epoch for k in b.kinds) == 20  # tool_fraction 0.5 of 40 rows
+    natural = list(itertools.islice(data.batches(encoded, 4, 12, 0, seed=3, tool_fraction=None), 10))
+    assert sorted(k for b in natural for k in b.kinds) == sorted(kinds)
+
+
+def test_data_cli_json_summary(tmp_path, capsys):
+    tiny_tokenizer().save(str(tmp_path / "tok.json"))
+    (tmp_path / "d").mkdir()
+    data.main(["--data-dir", write_fixtures(tmp_path / "d"), "--json", "--tokenizer", str(tmp_path / "tok.json"),
+               "--max-len", "64"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["sources"]["hermes"]["records"] == 2 and out["steps"]["tool_call"] == 4
+    assert sum(out["splits"].values()) == 14 and set(out["lengths"]) == set(data.KINDS)
+    assert 0 <= out["padding"]["grouped"] <= out["padding"]["fixed"] < 1
+
 # ---- end data ----
 
 # ---- layerroute ----
@@ -282,6 +516,84 @@ def test_layerroute_adapters_round_trip(tmp_path):
 # ---- end layerroute ----
 
 # ---- train ----
+
+import train  # noqa: E402
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
+           "<tool_response>", "</tool_response>"]
+
+
+def write_tiny_tokenizer(folder):
+    """A byte-level tokenizer (256 bytes + ChatML specials = 263 ids) in the tokenizer.json format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL)
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def write_tiny_data(folder, n_math=40, n_tool=20):
+    """gsm8k lines and sharegpt tool conversations, in their native formats."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(n_math):
+            f.write(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}) + "\n")
+    tools = json.dumps([{"name": "get_time", "description": "time in a city",
+                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+    convs = [{"tools": tools, "conversations": [
+        {"from": "human", "value": f"What time is it in city {i}?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_time", "arguments": {"city": f"c{i}"}})},
+        {"from": "observation", "value": json.dumps({"time": f"{i}:00"})},
+        {"from": "gpt", "value": f"It is {i}:00."}]} for i in range(n_tool)]
+    (folder / "tools.json").write_text(json.dumps(convs))
+
+
+def train_args(tmp_path, *extra):
+    model = tmp_path / "model"
+    if not (model / "config.json").exists():
+        write_checkpoint(model, layers=2)
+        write_tiny_tokenizer(model)
+        write_tiny_data(tmp_path / "data")
+    return train.parse_args(["--model", str(model), "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+                             "--max-len", "96", "--batch-size", "2", "--grad-accum", "2", "--warmup", "2",
+                             "--log-every", "1", "--save-every", "3", *extra])
+
+
+def test_train_steps_zero_prints_counts(tmp_path, capsys):
+    train.train(train_args(tmp_path, "--steps", "0", "--out", str(tmp_path / "run")))
+    err = capsys.readouterr().err
+    # 2 blocks of 64-wide q/k/v/o: q 8*(64+64) + k 8*(64+32) + v 8*(64+32) + o 8*(64+64) = 3,584 per block
+    assert "lora 7,168" in err and "routers 130" in err and "trainable 7,298" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_lowers_the_loss(tmp_path):
+    out = tmp_path / "run"
+    train.train(train_args(tmp_path, "--steps", "30", "--lr", "2e-2", "--gate-lambda", "0.1", "--out", str(out)))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < first - 0.2, (first, last)  # starts near ln(300) = 5.70 nats, a uniform guess
+    run = json.loads((out / "run.json").read_text())
+    assert run["step"] == 30 and run["model"] == str(tmp_path / "model")
+    model, _, _ = lr.load_run(str(out))  # eval needs nothing but the folder
+    assert model.counts()["trainable"] == 7_298
+
+
+def test_train_resume_equals_uninterrupted(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train.train(train_args(tmp_path, "--steps", "6", "--out", str(whole)))
+    train.train(train_args(tmp_path, "--steps", "6", "--out", str(cut)), stop_at=3)  # "interrupted"
+    assert json.loads((cut / "run.json").read_text())["step"] == 3
+    train.train(train_args(tmp_path, "--steps", "6", "--out", str(cut), "--resume"))
+    from safetensors.torch import load_file
+    a, b = load_file(whole / "adapters.safetensors"), load_file(cut / "adapters.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--resume: lr"):
+        train.train(train_args(tmp_path, "--steps", "6", "--out", str(cut), "--resume", "--lr", "1"))
 # ---- end train ----
 
 # ---- eval ----

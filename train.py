@@ -56,7 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # run.json must locate everything from any working directory: make local paths absolute.
+    for k in ("model", "random_init", "data_dir", "out"):
+        v = getattr(args, k)
+        if v and os.path.exists(v):
+            setattr(args, k, os.path.abspath(v))
+    return args
 
 
 def build(args: argparse.Namespace):
@@ -82,7 +88,7 @@ def training_batches(args, model, start: int):
     train = [s for s in steps if s.split == "train"]
     print(f"data: {len(train)} training steps, " + ", ".join(f"{k} {v}" for k, v in summary["steps"].items()),
           file=sys.stderr)
-    encoded = [(*data.encode(s, tok), s.kind) for s in train]
+    encoded = data.encode_all(train, tok)
     pad = tok.token_to_id("<|endoftext|>") or 0
     frac = None if args.tool_fraction < 0 else args.tool_fraction
     return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start)

@@ -139,6 +139,13 @@ def _call(obj) -> dict:
     return {"name": obj["name"], "arguments": args}
 
 
+def _tools(value) -> list[dict]:
+    """A tool list as sources write it: a list, one object, or a JSON/Python string of either."""
+    if isinstance(value, str):
+        value = _values(value, "tool list") if value.strip() else []
+    return [_named(t, "tool definition") for t in (value if isinstance(value, list) else [value])]
+
+
 def _msg(role: str, content, calls: list | None = None) -> dict:
     if not isinstance(content, str):
         raise Skip(f"{role} turn content is not text")
@@ -175,7 +182,7 @@ def read_hermes(rec: dict):
     msgs, tools = [], []
     for role, value in _turns(rec):
         if role == "system" and (m := TOOLS_RE.search(value)):
-            tools = [_named(t, "tool definition") for t in _values(m.group(1).strip(), "tool list")]
+            tools = _tools(m.group(1))
             msgs.append(_msg("system", value[:m.start()]))  # keep the framing, drop hermes' format text
         elif role in ("system", "human"):
             msgs.append(_msg("system" if role == "system" else "user", value))
@@ -192,8 +199,6 @@ def read_hermes(rec: dict):
 
 
 def read_sharegpt(rec: dict):
-    tools = rec.get("tools") or []
-    tools = _values(tools, "tool list") if isinstance(tools, str) else tools
     msgs = [_msg("system", rec["system"])] if rec.get("system") else []
     for role, value in _turns(rec):
         if role == "function_call":  # a list of calls is how sharegpt writes parallel calls
@@ -203,13 +208,13 @@ def read_sharegpt(rec: dict):
             msgs.append(_msg(SHAREGPT_ROLES[role], value))
         else:
             raise Skip("unknown turn role")
-    return msgs, [_named(t, "tool definition") for t in (tools if isinstance(tools, list) else [tools])], None
+    return msgs, _tools(rec.get("tools") or []), None
 
 
 def read_glaive(rec: dict):
     system = _field(rec, "system", str).strip().removeprefix("SYSTEM:").strip()
     head, brace, functions = system.partition("\n{")  # signatures follow as pretty-printed JSON
-    tools = [_named(t, "tool definition") for t in _values(brace.strip() + functions, "tool list")] if brace else []
+    tools = _tools(brace.strip() + functions)
     msgs = [_msg("system", head.strip().removesuffix("-"))]
     parts = GLAIVE_TURN.split(_field(rec, "chat", str))
     if parts[0].strip():
@@ -240,8 +245,7 @@ def read_openai(rec: dict):
         if isinstance(content, list):  # content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         msgs.append(_msg(m["role"], content, [_call(c) for c in m.get("tool_calls") or []]))
-    tools = rec.get("tools") or []
-    return msgs, [_named(t, "tool definition") for t in (tools if isinstance(tools, list) else [tools])], None
+    return msgs, _tools(rec.get("tools") or []), None
 
 
 def read_gsm8k(rec: dict):
@@ -341,7 +345,7 @@ def read_records(path: Path) -> list:
         except ImportError:
             raise ImportError(f"{path}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -509,7 +513,7 @@ def collate(examples: list[tuple[list[int], list[int]]], kinds: list[str], pad_i
 
 
 def _draw(rng: np.random.Generator, idx: list[int], n: int) -> np.ndarray:
-    """n of idx: whole shuffled copies while n exceeds it (repeat), then a shuffled prefix (subsample)."""
+    """n of idx: shuffled copies while n exceeds it (repeat), then a shuffled prefix (subsample)."""
     copies = [rng.permutation(idx) for _ in range(-(-n // len(idx)))] if n else []
     return np.concatenate(copies)[:n] if copies else np.zeros(0, dtype=int)
 
@@ -565,14 +569,15 @@ def load_tokenizer(path: str | None = None):
 
 
 def token_stats(steps: list[Step], tokenizer, max_len: int, batch_size: int = 4) -> dict:
-    """Length percentiles per kind, and the padding our batches waste vs padding to max_len."""
+    """Length percentiles per kind; for one training epoch, its mix of kinds and the padding our
+    batches waste vs padding every batch to max_len."""
     encoded = encode_all(steps, tokenizer)
     stats = {"lengths": {}, "padding": {}}
     for kind in KINDS:
         n = np.array([len(p) + len(t) for p, t, k in encoded if k == kind])
         if len(n):
-            stats["lengths"][kind] = {q: int(np.percentile(n, int(q[1:]))) for q in ("p50", "p90", "p99")}
-            stats["lengths"][kind].update(max=int(n.max()), over_max_len=int((n > max_len).sum()))
+            q = {p: int(np.percentile(n, int(p[1:]))) for p in ("p50", "p90", "p99")}
+            stats["lengths"][kind] = {**q, "max": int(n.max()), "over_max_len": int((n > max_len).sum())}
     train = [e for e, s in zip(encoded, steps) if s.split == "train"]
     if not train:
         return stats
@@ -582,6 +587,7 @@ def token_stats(steps: list[Step], tokenizer, max_len: int, batch_size: int = 4)
     grouped = sum(max(lengths[i] for i in rows) * len(rows) for rows in plan)
     stats["padding"] = {"batch_size": batch_size, "max_len": max_len, "grouped": 1 - real / grouped,
                         "fixed": 1 - real / (max_len * sum(len(r) for r in plan))}
+    stats["train_epoch_mix"] = dict(Counter(train[i][2] for rows in plan for i in rows))
     return stats
 
 
@@ -596,10 +602,13 @@ def print_summary(s: dict) -> None:
     if "lengths" in s:
         print(f"tokens (prompt+target){'p50':>8}{'p90':>7}{'p99':>7}{'max':>7}  over max_len")
         for kind, q in s["lengths"].items():
-            print(f"  {kind:20}{q['p50']:>8}{q['p90']:>7}{q['p99']:>7}{q['max']:>7}  {q['over_max_len']}")
+            print(f"  {kind:20}{q['p50']:>8}{q['p90']:>7}{q['p99']:>7}{q['max']:>7}"
+                  f"  {q['over_max_len']}")
     if p := s.get("padding"):
-        print(f"padding at batch size {p['batch_size']} (train, one epoch): length-grouped "
-              f"{p['grouped']:.1%} vs padded to {p['max_len']}: {p['fixed']:.1%}")
+        mix = "  ".join(f"{k} {s['train_epoch_mix'].get(k, 0)}" for k in KINDS)
+        print(f"one training epoch (tool_fraction 0.5): {mix}")
+        print(f"padding at batch size {p['batch_size']}: length-grouped {p['grouped']:.1%}"
+              f" vs padded to {p['max_len']}: {p['fixed']:.1%}")
     print("skipped records:")
     for name, r in s["sources"].items():
         for reason, n in r["skipped"].items():
@@ -614,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Load the agentic data and print what it holds.")
     ap.add_argument("--data-dir", help="read local files (recognised by shape) instead of the hub")
     ap.add_argument("--cache-dir", help="huggingface_hub cache for the downloads")
-    ap.add_argument("--tokenizer", help="tokenizer.json (default: Qwen2.5-0.5B-Instruct's, from the hub)")
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: Qwen2.5-0.5B-Instruct's, hub)")
     ap.add_argument("--max-len", type=int, default=512, help="training length, for the padding figure")
     ap.add_argument("--max-records", type=int, default=MAX_RECORDS, help="records kept per source")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")

@@ -5,8 +5,8 @@ at block i the router reads the mean of `input_layernorm(h)` over the prompt's r
 first token excluded (its "massive activation" is a constant that a mean turns into a length
 signal), padding excluded. sigmoid(router) > 0.5 opens the gate; closed means h_out = h.
 
-- Training computes every block and mixes h + g * (block(h) - h): the straight-through gradient
-  (forward uses the hard gate, backward the sigmoid) needs block(h) even where g = 0.
+- Training computes every block and mixes g * block(h) + (1 - g) * h: the straight-through
+  gradient (forward uses the hard gate, backward the sigmoid) needs block(h) even where g = 0.
 - Evaluation and generation compute a block only for the rows whose gate is open, and a KV cache
   exists only for those rows: skipped compute is really not done.
 Because the prompt's hidden states are causal, teacher-forced scoring and generation see exactly
@@ -70,10 +70,12 @@ class LayerRoute(nn.Module):
     """Wraps a Qwen2: freezes it, adds LoRA and routers, and runs the routed block loop."""
 
     def __init__(self, base: Qwen2, rank: int = 8, alpha: float = 16.0, dropout: float = 0.05,
-                 router_bias: float | list[float] = 1.0):
+                 router_bias: float | list[float] = 1.0, pooling: str = "prompt"):
         super().__init__()
-        self.base = base
-        self.settings = dict(rank=rank, alpha=alpha, dropout=dropout, router_bias=router_bias)
+        if pooling not in ("prompt", "reference"):
+            raise ValueError(f"pooling={pooling!r}: expected 'prompt' or 'reference'")
+        self.base, self.pooling = base, pooling
+        self.settings = dict(rank=rank, alpha=alpha, dropout=dropout, router_bias=router_bias, pooling=pooling)
         base.requires_grad_(False)
         for block in base.layers:
             attn = block.self_attn
@@ -120,10 +122,15 @@ class LayerRoute(nn.Module):
         residual stream, it does not steer it.
         """
         T = h.shape[1]
-        pos = torch.arange(T, device=h.device)
-        mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
-        normed = self.base.layers[i].input_layernorm(h.detach()).float()
-        pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+        if self.pooling == "reference":
+            # The authors' recipe, kept only to measure against: the raw stream over every position,
+            # padding and answer included (their batches are padded to max_len).
+            pooled = h.detach().float().mean(1)
+        else:
+            pos = torch.arange(T, device=h.device)
+            mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
+            normed = self.base.layers[i].input_layernorm(h.detach()).float()
+            pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
         r = self.routers[i]
         return torch.sigmoid(F.linear(pooled, r.weight.float(), r.bias.float())).squeeze(-1)
 
@@ -158,8 +165,9 @@ class LayerRoute(nn.Module):
                 s = g = cache.gates[:, i]
             scores.append(s)
             gates.append(g)
-            if mix:  # training: every block computed, gate-0 rows get exactly h back
-                h = h + g.to(h.dtype)[:, None, None] * (block(h, cos, sin) - h)
+            if mix:  # training computes every block; g*f + (1-g)*h is exactly f or h for a 0/1 gate
+                g3 = g.to(h.dtype)[:, None, None]
+                h = g3 * block(h, cos, sin) + (1 - g3) * h
                 continue
             if prefill and cache is not None:  # keep KV only for the rows that run this block
                 rows = g.nonzero().squeeze(-1)

@@ -46,8 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (oldest prompt tokens cut)")
     p.add_argument("--gate-lambda", type=float, default=1.0, help="weight of the gate regulariser mean(sigmoid)")
+    p.add_argument("--skip-target", type=float, help="a share of blocks to skip over training (e.g. 0.25): "
+                   "lambda then follows dual ascent, the same for every step type, so the LM loss alone "
+                   "decides which inputs skip; unset = fixed --gate-lambda (the paper)")
+    p.add_argument("--lambda-rate", type=float, default=0.2, help="dual-ascent rate: per step, lambda *= "
+                   "exp(rate * (skip target - skipped share))")
     p.add_argument("--router-bias", type=float, default=1.0, help="initial router bias of every layer "
                    "(weights start at 0; sigmoid(1.0) = 0.73, every gate open at step 0)")
+    p.add_argument("--router-init", choices=["neutral", "band"], default="neutral", help="neutral: every "
+                   "layer starts at --router-bias; band: the reference code's start, the middle third closed")
+    p.add_argument("--pooling", choices=["prompt", "reference"], default="prompt", help="router input: "
+                   "input_layernorm(h) over the prompt's real tokens (ours), or the reference code's raw h "
+                   "over the whole sequence padded to --max-len (for comparison only)")
     p.add_argument("--tool-fraction", type=float, default=0.5, help="share of tool-call steps in the training "
                    "mix (the paper's was about half); <0 keeps the data's natural mix")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
@@ -74,7 +84,10 @@ def build(args: argparse.Namespace):
         base = qwen.random_model(qwen.QwenConfig.from_json(args.random_init), args.device, dtype, args.seed)
     else:
         base = qwen.load_model(args.model, args.device, dtype)
-    model = lr.LayerRoute(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.router_bias)
+    L = base.cfg.num_hidden_layers
+    bias = args.router_bias if args.router_init == "neutral" else \
+        [-args.router_bias if L // 3 <= i < 2 * L // 3 else args.router_bias for i in range(L)]
+    model = lr.LayerRoute(base, args.lora_rank, args.lora_alpha, args.lora_dropout, bias, args.pooling)
     return model.to(args.device), dtype
 
 
@@ -91,7 +104,8 @@ def training_batches(args, model, start: int):
     encoded = data.encode_all(train, tok)
     pad = tok.token_to_id("<|endoftext|>") or 0
     frac = None if args.tool_fraction < 0 else args.tool_fraction
-    return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start)
+    pad_to = args.max_len if args.pooling == "reference" else None
+    return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start, pad_to=pad_to)
 
 
 def synthetic_batches(args, vocab: int, start: int):
@@ -126,7 +140,7 @@ def make_optimizer(model: lr.LayerRoute, args) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0, fused=fused)
 
 
-def save(model, opt, args, step: int, counts: dict):
+def save(model, opt, args, step: int, counts: dict, lam: float):
     """adapters + run.json (lr.save_adapters) and the optimiser moments for --resume."""
     names = {id(p): n for n, p in model.trainable().items()}
     moments = {}
@@ -135,15 +149,15 @@ def save(model, opt, args, step: int, counts: dict):
             moments[f"{names[id(p)]}.{k}"] = st[k].detach().cpu().contiguous()
         moments[f"{names[id(p)]}.step"] = st["step"].detach().float().cpu().reshape(1)
     lr.atomic_write(os.path.join(args.out, "optimizer.safetensors"), lambda tmp: save_file(moments, tmp))
-    settings = {**vars(args), "step": step, "counts": counts, "lora": model.settings}
+    settings = {**vars(args), "step": step, "counts": counts, "lora": model.settings, "lambda_now": lam}
     lr.save_adapters(model, args.out, settings)
 
 
-def restore(model, opt, args) -> int:
-    """Load adapters and optimiser moments from args.out; return the step to continue from."""
+def restore(model, opt, args) -> tuple[int, float]:
+    """Load adapters and optimiser moments from args.out; return the step to continue from and lambda."""
     with open(os.path.join(args.out, "run.json")) as f:
         saved = json.load(f)
-    for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init"):
+    for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init", "skip_target"):
         if saved.get(k) != getattr(args, k):
             raise ValueError(f"--resume: {k}={getattr(args, k)!r} but the run in {args.out} used {saved.get(k)!r}")
     lr.load_adapters(model, os.path.join(args.out, "adapters.safetensors"))
@@ -153,7 +167,7 @@ def restore(model, opt, args) -> int:
             opt.state[p] = {"step": moments[f"{n}.step"].reshape(()),
                             "exp_avg": moments[f"{n}.exp_avg"].to(p.device),
                             "exp_avg_sq": moments[f"{n}.exp_avg_sq"].to(p.device)}
-    return saved["step"]
+    return saved["step"], saved["lambda_now"]
 
 
 def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute:
@@ -166,7 +180,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
         return model
     os.makedirs(args.out, exist_ok=True)
     opt = make_optimizer(model, args)
-    step = restore(model, opt, args) if args.resume else 0
+    step, lam = restore(model, opt, args) if args.resume else (0, args.gate_lambda)
     batches = training_batches(args, model, start=step * args.grad_accum)
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
@@ -177,6 +191,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
         micro = [next(batches) for _ in range(args.grad_accum)]
         n_target = sum(b.n_target for b in micro)  # the loss is per target token of the whole step
         lm_sum = gate_sum = 0.0
+        closed_now = []  # per row of this step: share of its blocks skipped
         for b in micro:
             ids, labels = b.ids.to(args.device), b.labels.to(args.device)
             with autocast:
@@ -184,21 +199,24 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             # labels[t] is the token that position t-1 predicts; prompt and padding are -100.
             lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                  ignore_index=-100, reduction="sum") / n_target
-            gate = args.gate_lambda * lr.gate_loss(model.last_scores) / args.grad_accum
+            gate = lam * lr.gate_loss(model.last_scores) / args.grad_accum
             (lm + gate).backward()
             lm_sum, gate_sum = lm_sum + lm.item(), gate_sum + gate.item()
             tokens += int(b.ids.numel())
-            for kind, closed in zip(b.kinds, (1 - model.last_gates).mean(1).tolist()):
+            closed_now += (1 - model.last_gates).mean(1).tolist()
+            for kind, closed in zip(b.kinds, closed_now[-len(b.kinds):]):
                 skips.setdefault(kind, []).append(closed)
         torch.nn.utils.clip_grad_norm_(list(model.trainable().values()), args.clip)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_at(step, args)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if args.skip_target is not None:  # dual ascent: more pressure while too few blocks close
+            lam = min(1e4, lam * math.exp(args.lambda_rate * (args.skip_target - sum(closed_now) / len(closed_now))))
         step += 1
         if step % args.log_every == 0 or step == args.steps:
             dt, t_last = time.time() - t_last, time.time()
-            rec = {"step": step, "loss": lm_sum, "gate_loss": gate_sum, "lr": opt.param_groups[0]["lr"],
+            rec = {"step": step, "loss": lm_sum, "gate_loss": gate_sum, "lambda": lam, "lr": opt.param_groups[0]["lr"],
                    "tok_per_s": tokens / dt, **{f"skip_{k}": 100 * sum(v) / len(v) for k, v in sorted(skips.items())}}
             eta = (args.steps - step) * dt / args.log_every
             print(f"step {step}/{args.steps} | lm {lm_sum:.4f} | gate {gate_sum:.4f} | skip % " +
@@ -208,7 +226,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             log.flush()
             tokens, skips = 0, {}
         if step % args.save_every == 0 or step == args.steps:
-            save(model, opt, args, step, counts)
+            save(model, opt, args, step, counts, lam)
         if stop_at is not None and step >= stop_at:
             break
     log.close()

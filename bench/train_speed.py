@@ -14,6 +14,7 @@ noise hits both alike; the ratio of medians is the result.
         --device cuda --dtype bfloat16 --batch-size 4 --seq-len 512 --ours-only --steps 20 --repeats 10
 """
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -61,9 +62,14 @@ def build_ours(args, dtype):
     else:
         base = qwen.load_model(args.model, args.device, dtype)
     model = lr.LayerRoute(base).to(args.device).train()
+    # As train.py: where LayerRoute.forward takes logits_at, the head runs on target positions only.
+    target_only = "logits_at" in inspect.signature(model.forward).parameters
 
-    def forward(ids, prompt_lens):
-        return model(ids, prompt_lens), model.last_scores
+    def forward(ids, labels, prompt_lens):
+        if target_only:
+            at = F.pad(labels[:, 1:] != -100, (0, 1))  # (B, T): positions whose next token is a target
+            return model(ids, prompt_lens, logits_at=at), labels[:, 1:][at[:, :-1]], model.last_scores
+        return model(ids, prompt_lens)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), model.last_scores
     return forward, list(model.trainable().values())
 
 
@@ -79,10 +85,10 @@ def build_theirs(args, dtype):
         layers[i] = RoutedLayer(layers[i], hf.config.hidden_size, state)
     hf.train()
 
-    def forward(ids, prompt_lens):
+    def forward(ids, labels, prompt_lens):
         state["prompt_lens"], state["scores"] = prompt_lens, []
-        logits = hf(input_ids=ids, use_cache=False).logits
-        return logits, torch.stack(state["scores"], 1)
+        logits = hf(input_ids=ids, use_cache=False).logits  # (B, T, vocab), every position
+        return logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), torch.stack(state["scores"], 1)
     return forward, [p for p in hf.parameters() if p.requires_grad]
 
 
@@ -95,14 +101,24 @@ def make_step(forward, params, args, dtype, batch):
 
     def step():
         with autocast:
-            logits, scores = forward(ids, prompt_lens)
-        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                             ignore_index=-100, reduction="sum") / n_target
+            logits, targets, scores = forward(ids, labels, prompt_lens)  # (N, vocab), (N,), (B, L)
+        lm = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum") / n_target
         (lm + 1.0 * scores.mean()).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def step_flops(cfg: qwen.QwenConfig, B: int, T: int, n_target: int) -> float:
+    """Model FLOPs of one step, the convention of bench/README.md: the forward (qwen.forward_flops at
+    the causal mean context (T+1)/2 for B*T positions, the LM head at the n_target scored positions),
+    plus a backward of activation gradients only (the frozen weights get none): the same matmul
+    FLOPs again, and twice the attention (dQ, dK, dV). LoRA and routers (<1%) are left out."""
+    weights, head = qwen.forward_flops(cfg, 0)  # per token: the block's matmuls; the head
+    attn = qwen.forward_flops(cfg, (T + 1) / 2)[0] - weights
+    L = cfg.num_hidden_layers
+    return B * T * L * (weights + attn) + n_target * head + B * T * L * (weights + 2 * attn) + n_target * head
 
 
 def timed(step, n: int, device: str) -> float:
@@ -138,8 +154,11 @@ def main():
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="backbone / autocast dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (on a shared CPU, more threads than "
+                   "free cores makes every op spin-wait: 1 is 3-5x faster than 2 next to another job)")
     p.add_argument("--ours-only", action="store_true", help="time only ours (e.g. on a GPU, with --random-init)")
+    p.add_argument("--peak-tflops", type=float, help="peak of the device in the run's dtype, for MFU "
+                   "(H100 SXM bf16 dense: 989; A100: 312)")
     p.add_argument("--profile", action="store_true", help="print a profile of one step of ours and exit")
     p.add_argument("--profile-rows", type=int, default=15, help="rows of the profile table")
     args = p.parse_args()
@@ -151,9 +170,8 @@ def main():
 
     torch.manual_seed(0)  # the same synthetic batch for both: random ids, half prompt, half target
     fwd, params = build_ours(args, dtype)
-    vocab = (qwen.QwenConfig.from_json(args.random_init) if args.random_init else
-             qwen.QwenConfig.from_json(os.path.join(args.model, "config.json"))).vocab_size
-    ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(args.device)
+    cfg = qwen.QwenConfig.from_json(args.random_init or os.path.join(args.model, "config.json"))
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(args.device)
     labels = ids.clone()
     labels[:, :T // 2] = -100
     batch = (ids, labels, torch.full((B,), T // 2, device=args.device))
@@ -173,6 +191,11 @@ def main():
         print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in rates.items()), flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     print("median: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in med.items()))
+    if args.peak_tflops:
+        flops = step_flops(cfg, B, T, int((labels != -100).sum()))
+        print(f"ours: {flops / 1e9:,.0f} GFLOP per step (model FLOPs), {flops * med['ours'] / (B * T) / 1e12:.2f} "
+              f"TFLOP/s, MFU {100 * flops * med['ours'] / (B * T) / (1e12 * args.peak_tflops):.1f}% "
+              f"of {args.peak_tflops:g} TFLOP/s")
     if "theirs" in med:
         ratios = [a / b for a, b in zip(rates["ours"], rates["theirs"])]
         print(f"ours / theirs: {med['ours'] / med['theirs']:.3f} (ratio of medians); "

@@ -1,0 +1,517 @@
+"""Evaluate a trained LayerRoute run: every number the paper reports, and the ones it left out.
+
+    python eval.py --run runs/layerroute                      # test split -> DIR/report.json + plots
+    python eval.py --run DIR --data-dir ../shared/data --n 200 --gen-n 20 --split all
+    python eval.py --runs runs/seed0 runs/seed1 runs/seed2    # mean +- std over seeds
+
+Per step type (tool_call, planning, and reply when the data has it), from one teacher-forced pass
+per model: blocks and FLOPs skipped, target-token perplexity of the frozen base, of LoRA with every
+gate open and of LayerRoute (LoRA + routing), per-layer skip rates; from greedy generation, task
+accuracy of the same three; from timed KV-cached decoding at batch 1, ms per token with routing and
+with every block on. Across types: the skip differential (tool - planning) with a bootstrap CI, the
+same on length-matched pairs, and the correlation of the gate score with prompt length.
+The three models are one LayerRoute object under its two switches (MODES): they share every line
+of code except the switch, so a difference between them is the switch's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import layerroute as lr
+import qwen
+
+# name -> (LoRA on, every gate open). Routed runs last so last_gates/last_scores are its decision.
+MODES = {"base": (False, True), "lora": (True, True), "routed": (True, False)}
+PAIR = ("tool_call", "planning")  # the two types the differential compares
+
+
+@contextmanager
+def mode(model: lr.LayerRoute, name: str):
+    """Put the model in one of MODES for the block, then restore both switches as they were."""
+    loras = [m for m in model.modules() if isinstance(m, lr.LoRALinear)]
+    saved = [m.enabled for m in loras], model.open_gates
+    model.lora(MODES[name][0])
+    model.open_gates = MODES[name][1]
+    try:
+        yield model
+    finally:
+        for m, on in zip(loras, saved[0]):
+            m.enabled = on
+        model.open_gates = saved[1]
+
+
+def flops_skipped_pct(cfg: qwen.QwenConfig, gates: list[float], length: int, start: int = 0) -> float:
+    """Percent of a forward's FLOPs that closed blocks save, over token positions start..length-1.
+
+    Position t attends over t + 1 keys. A full forward costs, per position, L blocks plus the LM head
+    (qwen.forward_flops: attention and MLP matmuls, QK^T and AV, the d x vocab head); the routed one
+    drops the closed blocks. start=0, length=prompt+target is the teacher-forced pass; start=prompt
+    length is the decode phase of generation. The head is never skipped, which caps the saving.
+    """
+    closed = len(gates) - float(sum(gates))
+    blocks = sum(qwen.forward_flops(cfg, t + 1)[0] for t in range(start, length))
+    head = (length - start) * qwen.forward_flops(cfg, 1)[1]
+    return 100.0 * closed * blocks / (len(gates) * blocks + head)
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+
+@torch.no_grad()
+def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[int], str]],
+                   batch_size: int = 4, pad_id: int = 0) -> list[dict]:
+    """Per example (prompt_ids, target_ids, kind): target NLL sums under each of MODES, and the
+    routed pass's gates and scores. Examples are batched by length (less padding), results kept in order."""
+    dev = model.base.embed_tokens.weight.device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+    out: list[dict] = [{} for _ in examples]
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        b = data.collate([examples[i][:2] for i in rows], [examples[i][2] for i in rows], pad_id)
+        ids, labels, plens = b.ids.to(dev), b.labels.to(dev), b.prompt_lens.to(dev)
+        nll = {}
+        for name in MODES:
+            with mode(model, name):
+                logits = model(ids, plens)
+            # labels[t] is predicted at t-1; -100 (prompt, padding) adds exactly 0 to the row's sum.
+            ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none")
+            nll[name] = ce.sum(1).tolist()
+        for j, i in enumerate(rows):
+            p, t, kind = examples[i]
+            out[i] = {"kind": kind, "prompt_len": len(p), "length": len(p) + len(t), "n_target": len(t),
+                      "nll": {m: nll[m][j] for m in MODES}, "gates": model.last_gates[j].tolist(),
+                      "scores": model.last_scores[j].tolist()}
+    return out
+
+
+def type_summary(cfg: qwen.QwenConfig, recs: list[dict]) -> dict:
+    """Skip rates, FLOPs and perplexities of one step type from its teacher_forced records."""
+    closed = 1 - np.array([r["gates"] for r in recs])  # (n, L)
+    tokens = sum(r["n_target"] for r in recs)
+    # Perplexity over every target token of the type (token-weighted, as a training loss is).
+    ppl = {m: math.exp(sum(r["nll"][m] for r in recs) / tokens) for m in MODES}
+    return {"n": len(recs), "target_tokens": tokens,
+            "blocks_skipped_pct": float(100 * closed.mean()),
+            "flops_skipped_pct": float(np.mean([flops_skipped_pct(cfg, r["gates"], r["length"]) for r in recs])),
+            "ppl_base": ppl["base"], "ppl_lora": ppl["lora"], "ppl_routed": ppl["routed"],
+            "ppl_routed_minus_base": ppl["routed"] - ppl["base"],  # the paper's kind of delta...
+            "ppl_routed_minus_lora": ppl["routed"] - ppl["lora"],  # ...and the cost of skipping itself
+            "per_layer_skip_pct": (100 * closed.mean(0)).tolist()}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def bootstrap_ci(a, b=None, n_boot: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile interval of mean(a) - mean(b), resampling a and b independently with
+    replacement; with b None, of mean(a) (a then holds paired differences, resampled as pairs)."""
+    rng = np.random.default_rng(seed)
+    a = np.asarray(a, dtype=float)
+    stat = rng.choice(a, (n_boot, len(a))).mean(1)
+    if b is not None:
+        b = np.asarray(b, dtype=float)
+        stat = stat - rng.choice(b, (n_boot, len(b))).mean(1)
+    return [float(x) for x in np.percentile(stat, [2.5, 97.5])]
+
+
+def length_matched_pairs(tool_lens: list[int], plan_lens: list[int], width: int = 32) -> list[tuple[int, int]]:
+    """Pair tool and planning steps one-to-one within prompt-length bins [k*width, (k+1)*width).
+
+    A bin gives min(#tool, #planning) pairs: every step of the smaller side, each with the step of
+    the same rank (by length) among evenly spaced ranks of the larger side, so pairs spread over the bin.
+    Returns (tool index, planning index) pairs, by bin then length.
+    """
+    bins: dict[int, tuple[list, list]] = {}
+    for side, lens in enumerate((tool_lens, plan_lens)):
+        for i, n in enumerate(lens):
+            bins.setdefault(n // width, ([], []))[side].append(i)
+    pairs = []
+    for k in sorted(bins):
+        tool, plan = (sorted(ix, key=lambda i, ls=ls: (ls[i], i)) for ix, ls in zip(bins[k], (tool_lens, plan_lens)))
+        small, big = (tool, plan) if len(tool) <= len(plan) else (plan, tool)
+        if not small:
+            continue
+        picks = [big[round(r)] for r in np.linspace(0, len(big) - 1, len(small))]
+        pairs += [(s, p) if small is tool else (p, s) for s, p in zip(small, picks)]
+    return pairs
+
+
+def pearson(x, y) -> float | None:
+    """Pearson r, or None when it is undefined (fewer than 3 points, or a constant side)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def across_types(recs: list[dict], n_boot: int, width: int, seed: int) -> dict:
+    """Skip differential (tool - planning, points of blocks skipped %), raw and length-matched; gate/length correlation."""
+    score = np.array([np.mean(r["scores"]) for r in recs])  # an example's mean router score
+    plen, kind = np.array([r["prompt_len"] for r in recs]), np.array([r["kind"] for r in recs])
+    pair = np.isin(kind, PAIR)
+    # Is the gate about length or about type? (the reference code's gate tracked length more)
+    out = {"gate_length_corr": pearson(score, plen),
+           "gate_length_corr_by_type": {k: pearson(score[kind == k], plen[kind == k]) for k in dict.fromkeys(kind.tolist())},
+           "gate_type_corr": pearson(score[pair], kind[pair] == "tool_call")}
+    skip = lambda r: 100 * (1 - np.mean(r["gates"]))  # noqa: E731
+    tool, plan = ([r for r in recs if r["kind"] == k] for k in PAIR)
+    if not tool or not plan:
+        out["differential"] = out["length_matched"] = None  # nothing to compare
+        return out
+    a, b = [skip(r) for r in tool], [skip(r) for r in plan]
+    out["differential"] = {"points": float(np.mean(a) - np.mean(b)), "ci95": bootstrap_ci(a, b, n_boot, seed)}
+    pairs = length_matched_pairs([r["prompt_len"] for r in tool], [r["prompt_len"] for r in plan], width)
+    d = [a[i] - b[j] for i, j in pairs]
+    out["length_matched"] = {"points": float(np.mean(d)) if d else None,
+                             "ci95": bootstrap_ci(d, None, n_boot, seed) if d else None,
+                             "pairs": len(pairs), "bin_width": width}
+    return out
+
+
+# ----------------------------------------------------------------------------- task accuracy
+
+CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def parse_calls(text: str) -> list[dict] | None:
+    """Every <tool_call> block as {"name", "arguments"}; None if any block is not a JSON call."""
+    calls = []
+    for block in CALL_BLOCK.findall(text):
+        try:
+            obj = json.loads(block)
+            args = obj["arguments"]
+            args = json.loads(args) if isinstance(args, str) else args  # a JSON string is the same call
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
+        if not isinstance(obj.get("name"), str) or not isinstance(args, dict):
+            return None
+        calls.append({"name": obj["name"], "arguments": args})
+    if text.count("<tool_call>") != len(calls):
+        return None  # an unclosed block (generation cut off) is not a call
+    return calls
+
+
+def calls_match(text: str, answer: list[dict]) -> bool:
+    """Same multiset of calls: names equal, arguments equal as parsed JSON (key order ignored)."""
+    calls = parse_calls(text)
+    key = lambda c: json.dumps({"name": c["name"], "arguments": c["arguments"]}, sort_keys=True)  # noqa: E731
+    return calls is not None and sorted(map(key, calls)) == sorted(map(key, answer))
+
+
+def to_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").strip())
+    except ValueError:
+        return None
+
+
+def final_number(text: str) -> float | None:
+    """GSM8K-style: the number after the last "####" if there is one, else the last number in the text."""
+    head, sep, tail = text.rpartition("####")
+    nums = NUMBER.findall(tail) if sep else NUMBER.findall(text)
+    nums = nums[:1] if sep else nums[-1:]
+    return to_number(nums[0]) if nums else None
+
+
+def answer_correct(kind: str, text: str, answer) -> bool | None:
+    """Whether generated text gets the step's answer; None when the answer cannot be scored
+    (replies, and planning answers that are not one number, like Turing's free-text ones)."""
+    if kind == "tool_call":
+        return calls_match(text, answer)
+    gold = to_number(answer) if kind == "planning" and isinstance(answer, str) else None
+    if gold is None:
+        return None
+    got = final_number(text)
+    return got is not None and abs(got - gold) <= 1e-6 * max(1.0, abs(gold))
+
+
+@torch.no_grad()
+def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, object]],
+                  max_new_tokens: int) -> tuple[dict, list[dict]]:
+    """Greedy generation of each (prompt_ids, kind, scorable answer) under each of MODES:
+    fraction correct per mode (with n), and the generated texts for inspection."""
+    stop = qwen.stop_ids(model.base.cfg, tok)
+    dev = model.base.embed_tokens.weight.device
+    acc, texts = {"n": len(items)}, [{} for _ in items]
+    for name in MODES:
+        with mode(model, name):
+            right = 0
+            for j, (p, kind, answer) in enumerate(items):
+                new = qwen.generate(model, torch.tensor([p], device=dev), max_new_tokens, stop)[0]
+                texts[j][name] = tok.decode(new, skip_special_tokens=False)
+                right += answer_correct(kind, texts[j][name], answer)
+        acc[name] = right / len(items) if items else None
+    return acc, texts
+
+
+# ----------------------------------------------------------------------------- latency
+
+@torch.no_grad()
+def timed_decode(model: lr.LayerRoute, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Greedy KV-cached decoding at batch 1: (prefill seconds, seconds per decoded token).
+    A fixed token count, no stop token, so every model decodes the same positions."""
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    cache = model.new_cache(1, ids.shape[1] + new_tokens)
+    sync()
+    t0 = time.perf_counter()
+    logits = model(ids, cache=cache)[:, -1]  # prefill: routed gates are decided here
+    sync()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+    sync()
+    return t1 - t0, (time.perf_counter() - t1) / new_tokens
+
+
+def latency(model: lr.LayerRoute, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """Every block on (LoRA, gates open) vs routed, interleaved on the same prompts so that machine
+    noise hits both alike; per prompt the median over repeats, then the mean over prompts."""
+    dev, cfg = model.base.embed_tokens.weight.device, model.base.cfg
+    ms = {"lora": [], "routed": []}  # per prompt: [prefill ms, ms per decoded token], medians over repeats
+    ideal = []
+    for p in prompts:
+        ids = torch.tensor([p], device=dev)
+        runs = {"lora": [], "routed": []}
+        for r in range(repeats + 1):  # round 0 warms up (allocations, caches) and is dropped
+            for name in (("lora", "routed") if r % 2 else ("routed", "lora")):
+                with mode(model, name):
+                    runs[name].append(timed_decode(model, ids, new_tokens))
+        for name, times in runs.items():
+            ms[name].append(1000 * np.median(times[1:], axis=0))
+        with mode(model, "routed"):
+            model(ids)
+        # The ideal speed-up of these very decode positions, LM head included.
+        ideal.append(flops_skipped_pct(cfg, model.last_gates[0].tolist(), len(p) + new_tokens, start=len(p)))
+    (pre_full, full), (pre_routed, routed) = (np.mean(ms[m], axis=0).tolist() for m in ("lora", "routed"))
+    return {"ms_per_token_full": full, "ms_per_token_routed": routed, "speedup": full / routed,
+            "ideal_speedup": 1 / (1 - float(np.mean(ideal)) / 100),
+            "prefill_ms_full": pre_full, "prefill_ms_routed": pre_routed,
+            "prompts": len(prompts), "new_tokens": new_tokens, "repeats": repeats}
+
+
+# ----------------------------------------------------------------------------- one run
+
+def pick(steps: list[data.Step], split: str, n: int | None, seed: int) -> dict[str, list[data.Step]]:
+    """Steps of the split per kind, in a seeded shuffle of their id order, capped at n per kind."""
+    out = {}
+    for kind in data.KINDS:
+        chosen = sorted((s for s in steps if s.kind == kind and split in ("all", s.split)), key=lambda s: s.id)
+        random.Random(seed).shuffle(chosen)
+        if chosen:
+            out[kind] = chosen[:n]
+    return out
+
+
+def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], args) -> tuple[dict, list[dict]]:
+    """The report of one run, and its per-example records."""
+    cfg = model.base.cfg
+    enc = {k: [data.truncate(*data.encode(s, tok), args.max_len) for s in ss] for k, ss in by_kind.items()}
+    examples = [(p, t, k) for k, pts in enc.items() for p, t in pts]
+    pad = tok.token_to_id("<|endoftext|>") or 0
+    t0 = time.time()
+    recs = teacher_forced(model, examples, args.batch_size, pad)
+    print(f"teacher-forced: {len(recs)} steps x {len(MODES)} models in {time.time() - t0:.0f} s", file=sys.stderr)
+    steps = [s for ss in by_kind.values() for s in ss]
+    for r, s in zip(recs, steps):
+        r["id"] = s.id
+    report = {"types": {}, "latency": {}, "generations": {}}
+    for kind in by_kind:
+        report["types"][kind] = type_summary(cfg, [r for r in recs if r["kind"] == kind])
+        # Generation: the first gen_n steps whose answer can be scored (replies and free text cannot).
+        scored = [(p, s) for (p, _), s in zip(enc[kind], by_kind[kind])
+                  if answer_correct(kind, "", s.answer) is not None][:args.gen_n]
+        if scored:
+            t0 = time.time()
+            acc, texts = task_accuracy(model, tok, [(p, kind, s.answer) for p, s in scored], args.max_new_tokens)
+            report["types"][kind]["task_accuracy"] = acc
+            report["generations"][kind] = [{"id": s.id, "answer": s.answer, **t} for (_, s), t in zip(scored, texts)]
+            print(f"{kind}: generated {acc['n']} x {len(MODES)} in {time.time() - t0:.0f} s", file=sys.stderr)
+        if args.latency_n and kind in PAIR:  # timing is slow on a CPU: the two types compared
+            prompts = [p for p, _ in enc[kind][:args.latency_n]]
+            report["latency"][kind] = latency(model, prompts, args.latency_tokens, args.latency_repeats)
+    report.update(across_types(recs, args.bootstrap, args.bin_width, args.seed))
+    return report, recs
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(report: dict, out=None):
+    out = out or sys.stdout  # looked up at call time (redirections, pytest's capture)
+    print(f"{'type':10}{'n':>6}{'blocks%':>9}{'FLOPs%':>8}{'ppl base':>10}{'lora':>8}{'routed':>8}"
+          f"{'acc base':>10}{'lora':>6}{'routed':>7}{'(gen n)':>8}{'ms/tok full':>13}{'routed':>8}"
+          f"{'speedup':>9}{'ideal':>7}", file=out)
+    for kind, t in report["types"].items():
+        a = t.get("task_accuracy", {})
+        lat = report["latency"].get(kind, {})
+        print(f"{kind:10}{t['n']:>6}{t['blocks_skipped_pct']:>9.2f}{t['flops_skipped_pct']:>8.2f}"
+              f"{t['ppl_base']:>10.3f}{t['ppl_lora']:>8.3f}{t['ppl_routed']:>8.3f}"
+              f"{fmt(a.get('base')):>10}{fmt(a.get('lora')):>6}{fmt(a.get('routed')):>7}{fmt(a.get('n'), 'd'):>8}"
+              f"{fmt(lat.get('ms_per_token_full'), '.1f'):>13}{fmt(lat.get('ms_per_token_routed'), '.1f'):>8}"
+              f"{fmt(lat.get('speedup'), '.3f'):>9}{fmt(lat.get('ideal_speedup'), '.3f'):>7}", file=out)
+    d, m = report.get("differential"), report.get("length_matched")
+    if d:
+        print(f"skip differential (tool - planning, blocks): {d['points']:+.2f} points, "
+              f"95% CI [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]", file=out)
+    if m:
+        ci = f"[{m['ci95'][0]:+.2f}, {m['ci95'][1]:+.2f}]" if m["ci95"] else "-"
+        print(f"length-matched ({m['pairs']} pairs, bins of {m['bin_width']} prompt tokens): "
+              f"{fmt(m['points'], '+.2f')} points, 95% CI {ci}", file=out)
+    print(f"corr(mean gate score, prompt length): {fmt(report.get('gate_length_corr'), '+.3f')}; "
+          f"corr(score, is tool call): {fmt(report.get('gate_type_corr'), '+.3f')}", file=out)
+    if report["latency"]:
+        print("(latency: batch 1, KV cache, greedy; 'full' = LoRA with every block on; "
+              f"on {report['settings']['device']} absolute ms are only indicative)", file=out)
+
+
+def plot(report: dict, recs: list[dict], stem: str) -> list[str]:
+    """Per-layer skip rate per type (bars) and gate score vs prompt length (scatter), as PNGs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    types = list(report["types"])
+    L = len(report["types"][types[0]]["per_layer_skip_pct"])
+    fig, ax = plt.subplots(figsize=(max(6, L * 0.3), 3.5))
+    w = 0.8 / len(types)
+    for k, kind in enumerate(types):
+        ax.bar(np.arange(L) + (k - (len(types) - 1) / 2) * w, report["types"][kind]["per_layer_skip_pct"], w, label=kind)
+    ax.set(xlabel="block", ylabel="skipped (% of steps)", title="per-layer skip rate")
+    ax.legend()
+    fig.tight_layout()
+    paths = [stem + "_per_layer.png", stem + "_gate_vs_length.png"]
+    fig.savefig(paths[0], dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in types:
+        rs = [r for r in recs if r["kind"] == kind]
+        ax.scatter([r["prompt_len"] for r in rs], [np.mean(r["scores"]) for r in rs], s=8, alpha=0.6, label=kind)
+    ax.axhline(0.5, color="gray", lw=0.5)  # the gate threshold
+    ax.set(xlabel="prompt length (tokens)", ylabel="mean router score over blocks",
+           title=f"gate vs length (r = {fmt(report.get('gate_length_corr'), '+.2f')})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close("all")
+    return paths
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+NOT_AGGREGATED = ("settings", "generations", "examples")
+
+
+def flatten(obj, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves as {"types.tool_call.ppl_base": x, "types.planning.per_layer_skip_pct.3": y}."""
+    if isinstance(obj, dict):
+        items = ((k, v) for k, v in obj.items() if not (prefix == "" and k in NOT_AGGREGATED))
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        ok = isinstance(obj, (int, float)) and not isinstance(obj, bool)
+        return {prefix: float(obj)} if ok else {}
+    return {k: v for key, val in items for k, v in flatten(val, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def aggregate(reports: list[dict]) -> dict:
+    """Mean and sample std (ddof 1) of every numeric leaf across runs, and in how many runs the
+    differential (raw and length-matched) is positive."""
+    flats = [flatten(r) for r in reports]
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    stats = {}
+    for k in keys:
+        v = np.array([f[k] for f in flats if k in f])
+        stats[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+    positive = lambda sec: sum(bool(r.get(sec) and (r[sec]["points"] or 0) > 0) for r in reports)  # noqa: E731
+    return {"runs": len(reports), "differential_positive": positive("differential"),
+            "length_matched_positive": positive("length_matched"), "stats": stats}
+
+
+def read_report(run: str) -> dict:
+    path = os.path.join(run, "report.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no report; run `python eval.py --run {run}` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate LayerRoute runs (skip rates, FLOPs, perplexity, accuracy, speed).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="a run folder written by train.py")
+    which.add_argument("--runs", nargs="+", help="several run folders (seeds), each with report.json: aggregate them")
+    p.add_argument("--data-dir", help="data to evaluate on (default: the run's own --data-dir)")
+    p.add_argument("--split", default="test", choices=["test", "val", "all"], help="'all': every step (held-out collections)")
+    p.add_argument("--n", type=int, help="at most this many steps per type (default: all of the split)")
+    p.add_argument("--gen-n", type=int, default=50, help="steps per type to generate for task accuracy (0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length cap for task accuracy")
+    p.add_argument("--latency-n", type=int, default=5, help="prompts per type to time (0: no timing)")
+    p.add_argument("--latency-tokens", type=int, default=64, help="tokens decoded per timed generation")
+    p.add_argument("--latency-repeats", type=int, default=3, help="timed repeats per prompt and model")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per teacher-forced batch")
+    p.add_argument("--max-len", type=int, help="tokens per step, oldest prompt tokens cut (default: the run's)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--bin-width", type=int, default=32, help="prompt-length bin width for length matching")
+    p.add_argument("--seed", type=int, default=0, help="seed of the step sample and the bootstrap")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
+    p.add_argument("--out", help="report path (default DIR/report.json; with --runs, aggregate.json beside the runs)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.runs:
+        agg = aggregate([read_report(r) for r in args.runs])
+        agg["run_dirs"] = [os.path.abspath(r) for r in args.runs]
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "aggregate.json")
+        lr.atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(agg, indent=1)))
+        print(f"{agg['runs']} runs; differential > 0 in {agg['differential_positive']}, "
+              f"length-matched > 0 in {agg['length_matched_positive']}")
+        for k, s in agg["stats"].items():
+            if "per_layer" not in k:
+                print(f"  {k:50} {s['mean']:10.4f} +- {s['std']:.4f}  (n={s['n']})")
+        print(f"wrote {out}", file=sys.stderr)
+        return agg
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, run = lr.load_run(args.run, args.device, getattr(torch, args.dtype))
+    if tok is None:
+        raise ValueError(f"{args.run}: trained with --random-init on synthetic batches: no steps to evaluate")
+    args.max_len = args.max_len or run["max_len"]
+    data_dir = args.data_dir or run.get("data_dir")
+    steps, _ = data.load_steps(data_dir)
+    by_kind = pick(steps, args.split, args.n, args.seed)
+    if not by_kind:
+        raise ValueError(f"{data_dir}: no steps in split '{args.split}'")
+    report, recs = evaluate(model, tok, by_kind, args)
+    report["settings"] = {**{k: v for k, v in vars(args).items() if k != "runs"}, "data_dir": data_dir,
+                          "device": f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device,
+                          "run": {k: run.get(k) for k in ("model", "seed", "step", "steps", "max_len", "gate_lambda")}}
+    report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "gates", "scores")} for r in recs]
+    out = args.out or os.path.join(args.run, "report.json")
+    lr.atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1)))
+    pngs = plot(report, recs, os.path.splitext(out)[0])
+    print_table(report)
+    print(f"wrote {out}, {', '.join(pngs)}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -523,11 +523,12 @@ def _draw(rng: np.random.Generator, idx: list[int], n: int) -> np.ndarray:
 def epoch_plan(kinds: list[str], lengths: list[int], batch_size: int, seed: int, epoch: int,
                tool_fraction: float | None = 0.5) -> list[list[int]]:
     """Rows of each batch of one epoch, a function of (seed, epoch) only. An epoch has len(kinds)
-    rows. tool_fraction = share of rows from tool conversations (tool_call and their reply steps,
-    which stay with them) vs planning rows; None, or a missing side, keeps the natural mix."""
+    rows. tool_fraction = share of tool_call rows; planning and reply rows fill the rest in their
+    natural ratio (the paper's mix is about half tool calls). None, or a missing side, keeps the
+    natural mix, where the 193 tool calls of ../shared/data would be 2% of the rows."""
     rng = np.random.default_rng([seed, epoch])
-    tool = [i for i, k in enumerate(kinds) if k != "planning"]
-    plan = [i for i, k in enumerate(kinds) if k == "planning"]
+    tool = [i for i, k in enumerate(kinds) if k == "tool_call"]
+    plan = [i for i, k in enumerate(kinds) if k != "tool_call"]
     if tool_fraction is None or not tool or not plan:
         pool = rng.permutation(len(kinds))
     else:

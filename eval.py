@@ -458,7 +458,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="data to evaluate on (default: the run's own --data-dir)")
     p.add_argument("--split", default="test", choices=["test", "val", "all"], help="'all': every step (held-out collections)")
     p.add_argument("--n", type=int, help="at most this many steps per type (default: all of the split)")
-    p.add_argument("--gen-n", type=int, default=50, help="steps per type to generate for task accuracy (0: none)")
+    p.add_argument("--gen-n", type=int, default=20, help="steps per type to generate for task accuracy "
+                   "(0: none; generation is most of the time on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length cap for task accuracy")
     p.add_argument("--latency-n", type=int, default=5, help="prompts per type to time (0: no timing)")
     p.add_argument("--latency-tokens", type=int, default=64, help="tokens decoded per timed generation")

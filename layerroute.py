@@ -3,7 +3,7 @@
 A sequence's gates are decided once, from its prompt (every token before the first target token):
 at block i the router reads the mean of `input_layernorm(h)` over the prompt's real tokens, the
 first token excluded (its "massive activation" is a constant that a mean turns into a length
-signal), padding excluded. sigmoid(router) > 0.5 opens the gate; closed means h_out = h.
+signal), padding excluded, scaled to unit length. sigmoid(router) > 0.5 opens the gate; closed means h_out = h.
 
 - Training computes every block and mixes g * block(h) + (1 - g) * h: the straight-through
   gradient (forward uses the hard gate, backward the sigmoid) needs block(h) even where g = 0.
@@ -117,9 +117,9 @@ class LayerRoute(nn.Module):
     def route(self, i: int, h: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
         """Router score sigmoid(w . pooled + b) of block i for each row: (B,), float32.
 
-        pooled = mean of input_layernorm(h) over positions 1 <= t < prompt_len: real prompt
-        tokens only, the first one excluded. The input is detached: the router reads the
-        residual stream, it does not steer it.
+        pooled = mean of input_layernorm(h) over positions 1 <= t < prompt_len (real prompt
+        tokens only, the first one excluded), scaled to unit length. The input is detached: the
+        router reads the residual stream, it does not steer it.
         """
         T = h.shape[1]
         if self.pooling == "reference":
@@ -131,6 +131,10 @@ class LayerRoute(nn.Module):
             mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
             normed = self.base.layers[i].input_layernorm(h.detach()).float()
             pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+            # Unit length: Adam moves each weight by about lr a step, so the score moves by about
+            # lr * |pooled|_1. At unit length that is ~lr * sqrt(d), not ~lr * d: the router
+            # steers instead of flipping every gate at once.
+            pooled = F.normalize(pooled, dim=-1)
         r = self.routers[i]
         return torch.sigmoid(F.linear(pooled, r.weight.float(), r.bias.float())).squeeze(-1)
 
@@ -138,11 +142,13 @@ class LayerRoute(nn.Module):
         return RoutedCache(batch, max_len)
 
     def forward(self, ids: torch.Tensor, prompt_lens: torch.Tensor | None = None,
-                cache: RoutedCache | None = None) -> torch.Tensor:
+                cache: RoutedCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab); the routing decision lands in last_scores/last_gates.
 
         prompt_lens (B,): prompt tokens per row (teacher forcing). Without it the whole input is
         the prompt (a generation prefill). With a cache past its prefill, the stored gates are used.
+        logits_at (B, T) bool: the LM head runs at those positions only, giving (N, vocab) in
+        row-major order. Training scores targets only, and the head is the biggest single matmul.
         """
         B, T = ids.shape
         base, cfg = self.base, self.base.cfg
@@ -178,6 +184,8 @@ class LayerRoute(nn.Module):
         if cache is not None:
             cache.gates = self.last_gates if prefill else cache.gates
             cache.len += T
+        if logits_at is not None:
+            h = h[logits_at]
         return base.lm_head(base.norm(h))
 
     @staticmethod

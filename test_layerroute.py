@@ -348,7 +348,7 @@ def test_data_batches_pad_only_to_own_longest_and_resume_exactly():
     again = list(itertools.islice(data.batches(encoded, 4, 12, pad_id=0, seed=3, start=8), 5))
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(again, stream[8:13]))  # resume across an epoch end
     epoch = stream[:10]
-    assert sum(k != "planning" for b in epoch for k in b.kinds) == 20  # tool_fraction 0.5 of 40 rows
+    assert sum(k == "tool_call" for b in epoch for k in b.kinds) == 20  # tool_fraction 0.5 of 40 rows
     natural = list(itertools.islice(data.batches(encoded, 4, 12, 0, seed=3, tool_fraction=None), 10))
     assert sorted(k for b in natural for k in b.kinds) == sorted(kinds)
 
@@ -402,6 +402,8 @@ def test_layerroute_at_init_with_open_gates_equals_base_exactly(tmp_path):
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids), base(ids))
+        at = torch.rand(2, 12) < 0.5  # the head at chosen positions only: the same rows, in row-major order
+        assert torch.allclose(model(ids, logits_at=at), base(ids)[at], atol=1e-5)
         model.train()  # the training path (mixing) too, dropout active: B = 0 makes LoRA exactly 0
         assert torch.allclose(model(ids), base(ids), atol=1e-5)
     assert model.routers[0].bias.item() == -3.0

@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of LoRA")
-    p.add_argument("--router-lr-mult", type=float, default=10.0, help="router learning rate = lr x this")
+    p.add_argument("--router-lr-mult", type=float, default=30.0, help="router learning rate = lr x this "
+                   "(at 10 the unit-length router moved too little in 300 steps to close any gate)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (oldest prompt tokens cut)")
     p.add_argument("--gate-lambda", type=float, default=1.0, help="weight of the gate regulariser mean(sigmoid)")
@@ -58,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pooling", choices=["prompt", "reference"], default="prompt", help="router input: "
                    "input_layernorm(h) over the prompt's real tokens (ours), or the reference code's raw h "
                    "over the whole sequence padded to --max-len (for comparison only)")
-    p.add_argument("--tool-fraction", type=float, default=0.5, help="share of tool-call steps in the training "
-                   "mix (the paper's was about half); <0 keeps the data's natural mix")
+    p.add_argument("--tool-fraction", type=float, default=0.5, help="share of tool_call steps in the training "
+                   "mix, planning and replies the rest (the paper was about half); <0: the natural mix")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
@@ -194,11 +195,12 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
         closed_now = []  # per row of this step: share of its blocks skipped
         for b in micro:
             ids, labels = b.ids.to(args.device), b.labels.to(args.device)
-            with autocast:
-                logits = model(ids, b.prompt_lens.to(args.device))
             # labels[t] is the token that position t-1 predicts; prompt and padding are -100.
-            lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                 ignore_index=-100, reduction="sum") / n_target
+            # The head and the loss run only where the next token is a target.
+            at = F.pad(labels[:, 1:] != -100, (0, 1))
+            with autocast:
+                logits = model(ids, b.prompt_lens.to(args.device), logits_at=at)
+            lm = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="sum") / n_target
             gate = lam * lr.gate_loss(model.last_scores) / args.grad_accum
             (lm + gate).backward()
             lm_sum, gate_sum = lm_sum + lm.item(), gate_sum + gate.item()

@@ -4,7 +4,7 @@ Both sides do the same work per step: forward with 30 (or 24) routed blocks, the
 (cross-entropy on the target half + lambda * mean router score), backward, grad-norm clip, AdamW
 over LoRA (q/k/v/o, r 8, alpha 16, dropout 0.05) + routers, on the same frozen checkpoint, batch,
 length and dtype. The reference's routers are the same STE gates, pooled the same way (mean of
-input_layernorm(h) over prompt tokens 1..prompt_len-1), wrapped around each HF decoder layer.
+input_layernorm(h) over prompt tokens 1..prompt_len-1, unit length), wrapped around each HF decoder layer.
 The two are timed interleaved in one process (k steps ours, k steps theirs, repeated), so machine
 noise hits both alike; the ratio of medians is the result.
 
@@ -30,11 +30,11 @@ import qwen  # noqa: E402
 
 
 def pooled_score(router: nn.Linear, norm: nn.Module, h: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
-    """sigmoid(router(mean of norm(h) over positions 1..prompt_len-1)): (B,) float32, as layerroute.route."""
+    """sigmoid(router(unit-length mean of norm(h) over positions 1..prompt_len-1)): (B,) float32, as layerroute.route."""
     pos = torch.arange(h.shape[1], device=h.device)
     mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
     normed = norm(h.detach()).float()
-    pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+    pooled = F.normalize((normed * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)  # (B, d), unit length
     return torch.sigmoid(F.linear(pooled, router.weight.float(), router.bias.float())).squeeze(-1)
 
 
@@ -111,7 +111,7 @@ def make_step(forward, params, args, dtype, batch):
 
 
 def step_flops(cfg: qwen.QwenConfig, B: int, T: int, n_target: int) -> float:
-    """Model FLOPs of one step, the convention of bench/README.md: the forward (qwen.forward_flops at
+    """Model FLOPs of one step (the MFU numerator): the forward (qwen.forward_flops at
     the causal mean context (T+1)/2 for B*T positions, the LM head at the n_target scored positions),
     plus a backward of activation gradients only (the frozen weights get none): the same matmul
     FLOPs again, and twice the attention (dQ, dK, dV). LoRA and routers (<1%) are left out."""

@@ -71,15 +71,17 @@ def flops_skipped_pct(cfg: qwen.QwenConfig, gates: list[float], length: int, sta
 
 @torch.no_grad()
 def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[int], str]],
-                   batch_size: int = 4, pad_id: int = 0) -> list[dict]:
+                   batch_size: int = 4, pad_id: int = 0, pad_to: int | None = None) -> list[dict]:
     """Per example (prompt_ids, target_ids, kind): target NLL sums under each of MODES, and the
-    routed pass's gates and scores. Examples are batched by length (less padding), results kept in order."""
+    routed pass's gates and scores. Examples are batched by length (less padding), results kept in order.
+    pad_to: pad every batch to this length, as training did for the reference recipe (its router
+    pools over the padding, so its gates depend on it)."""
     dev = model.base.embed_tokens.weight.device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
     out: list[dict] = [{} for _ in examples]
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
-        b = data.collate([examples[i][:2] for i in rows], [examples[i][2] for i in rows], pad_id)
+        b = data.collate([examples[i][:2] for i in rows], [examples[i][2] for i in rows], pad_id, pad_to)
         ids, labels, plens = b.ids.to(dev), b.labels.to(dev), b.prompt_lens.to(dev)
         nll = {}
         for name in MODES:
@@ -321,7 +323,7 @@ def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], arg
     examples = [(p, t, k) for k, pts in enc.items() for p, t in pts]
     pad = tok.token_to_id("<|endoftext|>") or 0
     t0 = time.time()
-    recs = teacher_forced(model, examples, args.batch_size, pad)
+    recs = teacher_forced(model, examples, args.batch_size, pad, args.max_len if model.pooling == "reference" else None)
     print(f"teacher-forced: {len(recs)} steps x {len(MODES)} models in {time.time() - t0:.0f} s", file=sys.stderr)
     steps = [s for ss in by_kind.values() for s in ss]
     for r, s in zip(recs, steps):

@@ -174,11 +174,36 @@ def across_types(recs: list[dict], n_boot: int, width: int, seed: int) -> dict:
     a, b = [skip(r) for r in tool], [skip(r) for r in plan]
     out["differential"] = {"points": float(np.mean(a) - np.mean(b)), "ci95": bootstrap_ci(a, b, n_boot, seed)}
     pairs = length_matched_pairs([r["prompt_len"] for r in tool], [r["prompt_len"] for r in plan], width)
-    d = [a[i] - b[j] for i, j in pairs]
-    out["length_matched"] = {"points": float(np.mean(d)) if d else None,
-                             "ci95": bootstrap_ci(d, None, n_boot, seed) if d else None,
-                             "pairs": len(pairs), "bin_width": width}
+    out["length_matched"] = paired([a[i] - b[j] for i, j in pairs], n_boot, seed) | {"bin_width": width}
+    if all("cut_gates" in r for r in plan):  # tool prompts cut to each planning prompt's length
+        out["cut_matched"] = paired([skip({"gates": r["cut_gates"]}) - skip(r) for r in plan], n_boot, seed)
     return out
+
+
+def paired(d: list[float], n_boot: int, seed: int) -> dict:
+    """Mean of paired differences with its bootstrap CI (None for no pairs)."""
+    return {"points": float(np.mean(d)) if d else None, "ci95": bootstrap_ci(d, None, n_boot, seed) if d else None,
+            "pairs": len(d)}
+
+
+@torch.no_grad()
+def cut_tool_gates(model: lr.LayerRoute, recs: list[dict], tool_prompts: list[list[int]], batch_size: int,
+                   pad_id: int) -> None:
+    """Length control by cutting: planning record j gets "cut_gates", the routed gates of tool-call
+    prompt j mod n cut to the planning prompt's length (oldest tokens dropped, as data.truncate cuts
+    long steps). Same length, different type: a router that tracks length gives both the same gates.
+    Records whose prompt is not shorter than that tool prompt get none."""
+    plan = [r for r in recs if r["kind"] == "planning"]
+    jobs = [(r, tool_prompts[j % len(tool_prompts)][-r["prompt_len"]:]) for j, r in enumerate(plan)
+            if tool_prompts and r["prompt_len"] < len(tool_prompts[j % len(tool_prompts)])]
+    dev = model.base.embed_tokens.weight.device
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s:s + batch_size]
+        b = data.collate([(p, []) for _, p in chunk], ["tool_call"] * len(chunk), pad_id)
+        with mode(model, "routed"):
+            model(b.ids.to(dev), b.prompt_lens.to(dev), logits_at=torch.zeros_like(b.ids, dtype=torch.bool).to(dev))
+        for j, (r, _) in enumerate(chunk):
+            r["cut_gates"] = model.last_gates[j].tolist()
 
 
 # ----------------------------------------------------------------------------- task accuracy
@@ -328,6 +353,8 @@ def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], arg
     steps = [s for ss in by_kind.values() for s in ss]
     for r, s in zip(recs, steps):
         r["id"] = s.id
+    if model.pooling == "prompt":  # (the reference recipe's gates also depend on padding and answer)
+        cut_tool_gates(model, recs, [p for p, _ in enc.get("tool_call", [])], args.batch_size, pad)
     report = {"types": {}, "latency": {}, "generations": {}}
     for kind in by_kind:
         report["types"][kind] = type_summary(cfg, [r for r in recs if r["kind"] == kind])
@@ -374,6 +401,11 @@ def print_table(report: dict, out=None):
         ci = f"[{m['ci95'][0]:+.2f}, {m['ci95'][1]:+.2f}]" if m["ci95"] else "-"
         print(f"length-matched ({m['pairs']} pairs, bins of {m['bin_width']} prompt tokens): "
               f"{fmt(m['points'], '+.2f')} points, 95% CI {ci}", file=out)
+    if report.get("cut_matched"):
+        c = report["cut_matched"]
+        ci = f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" if c["ci95"] else "-"
+        print(f"cut-matched (tool prompts cut to each planning prompt's length, {c['pairs']} pairs): "
+              f"{fmt(c['points'], '+.2f')} points, 95% CI {ci}", file=out)
     print(f"corr(mean gate score, prompt length): {fmt(report.get('gate_length_corr'), '+.3f')}; "
           f"corr(score, is tool call): {fmt(report.get('gate_type_corr'), '+.3f')}", file=out)
     if report["latency"]:
@@ -430,7 +462,7 @@ def flatten(obj, prefix: str = "") -> dict[str, float]:
 
 def aggregate(reports: list[dict]) -> dict:
     """Mean and sample std (ddof 1) of every numeric leaf across runs, and in how many runs the
-    differential (raw and length-matched) is positive."""
+    differential (raw, length-matched, cut-matched) is positive."""
     flats = [flatten(r) for r in reports]
     keys = list(dict.fromkeys(k for f in flats for k in f))
     stats = {}
@@ -439,7 +471,8 @@ def aggregate(reports: list[dict]) -> dict:
         stats[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
     positive = lambda sec: sum(bool(r.get(sec) and (r[sec]["points"] or 0) > 0) for r in reports)  # noqa: E731
     return {"runs": len(reports), "differential_positive": positive("differential"),
-            "length_matched_positive": positive("length_matched"), "stats": stats}
+            "length_matched_positive": positive("length_matched"), "cut_matched_positive": positive("cut_matched"),
+            "stats": stats}
 
 
 def read_report(run: str) -> dict:
@@ -486,7 +519,7 @@ def main(argv=None) -> dict:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "aggregate.json")
         lr.atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(agg, indent=1)))
         print(f"{agg['runs']} runs; differential > 0 in {agg['differential_positive']}, "
-              f"length-matched > 0 in {agg['length_matched_positive']}")
+              f"length-matched > 0 in {agg['length_matched_positive']}, cut-matched > 0 in {agg['cut_matched_positive']}")
         for k, s in agg["stats"].items():
             if "per_layer" not in k:
                 print(f"  {k:50} {s['mean']:10.4f} +- {s['std']:.4f}  (n={s['n']})")

@@ -697,6 +697,27 @@ def test_eval_differential_and_length_matched_pairs_by_hand():
     assert ev.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and ev.pearson([1, 2, 3], [5, 5, 5]) is None
 
 
+def test_eval_cut_matched_gates_are_the_cut_tool_prompts_own(tmp_path, one_thread):
+    _, model = tiny_routed(tmp_path)
+    set_routers(model, [0.0] * 4, weight_std=3.0)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    tool = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (20, 14)]
+    plan = [{"kind": "planning", "prompt_len": n, "gates": [1, 1, 1, 1], "scores": [0.9] * 4} for n in (7, 12, 3, 20)]
+    recs = [{"kind": "tool_call", "prompt_len": 20, "gates": [0, 0, 1, 1], "scores": [0.1] * 4}] + plan
+    ev.cut_tool_gates(model, recs, tool, batch_size=2, pad_id=0)
+    # Planning j is paired with tool prompt j mod 2, cut to its newest prompt_len tokens; routed alone,
+    # unpadded, that cut prompt must give the same gates as in the padded batch.
+    for j, r in enumerate(plan[:3]):
+        with torch.no_grad():
+            model(torch.tensor([tool[j % 2][-r["prompt_len"]:]]))
+        assert r["cut_gates"] == model.last_gates[0].tolist()
+    assert "cut_gates" not in plan[3] and "cut_gates" not in recs[0]  # 20 tokens: not shorter than tool 1 (14)
+    out = ev.across_types(recs[:4], n_boot=100, width=16, seed=0)
+    expect = [100 * (1 - sum(r["cut_gates"]) / 4) for r in plan[:3]]  # planning skips 0
+    assert out["cut_matched"]["pairs"] == 3 and out["cut_matched"]["points"] == pytest.approx(sum(expect) / 3)
+
+
 def test_eval_task_answers_scored_as_specified():
     gold = [{"name": "f", "arguments": {"a": 1, "b": [1, 2]}}, {"name": "g", "arguments": {}}]
     two = '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>\n<tool_call>\n{"arguments": {"b": [1, 2], "a": 1}, "name": "f"}\n</tool_call>'

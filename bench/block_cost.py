@@ -1,14 +1,24 @@
-"""What skipping one block costs, per step type: the floor under any skip differential.
+"""What skipping blocks costs, per step and per type: the ceiling on what any router can reach.
 
-For each block i of the frozen base model, the target-token NLL (nats per token) with block i
-skipped minus the NLL with every block on, averaged over N training-split steps of each type
-(batch 1, so no padding; steps cut to --max-len as train.py does). A router that lets the LM loss
-decide closes a block for a type only where this cost is below the regulariser's price, about
-lambda / n_blocks per token; the sum over the blocks it closes is roughly the perplexity it pays.
+For each step (batch 1, no padding, cut to --max-len as train.py does) and each block i, the cost
+of skipping block i alone: target-token NLL with block i passed over minus NLL with every block on
+(nats per target token). Printed per type: the mean cost of each block, then two oracles that know
+these costs for every input, which no router does:
+
+- price oracle: close, per input, every block whose own cost is below a price tau, the same tau
+  for every type (a type-blind regulariser that lets the LM loss decide, done perfectly). It shows
+  which skip differential the model itself supports at each price, and what it costs.
+- k-cheapest oracle: close, per input, its k = 20% cheapest blocks (the skip target of issue 6).
+
+Oracle costs are measured with the chosen blocks skipped together (not added up), as perplexity
+relative to the same model with every block on. --run uses a trained run's LoRA (merged, gates
+open, i.e. its LoRA-only model); without it the frozen base model.
 
     python bench/block_cost.py --model ~/.cache/layerroute/smollm2-135m-qwen2 --data-dir ../shared/data --n 12
+    python bench/block_cost.py --run runs/layerroute --data-dir ../shared/data --split test --n 11
 """
 import argparse
+import math
 import os
 import random
 import sys
@@ -19,48 +29,107 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+import layerroute as lr  # noqa: E402
 import qwen  # noqa: E402
+
+PRICES = (0.002, 0.005, 0.01, 0.02, 0.05)  # tau, nats per target token
+
+
+def target_nll(model: qwen.Qwen2, h: torch.Tensor, target: list[int]) -> float:
+    """Mean NLL of the target tokens (the last len(target) tokens) from the final hidden states."""
+    logits = model.lm_head(model.norm(h))[0, -len(target) - 1:-1]  # position t predicts token t + 1
+    return F.cross_entropy(logits.float(), torch.tensor(target)).item()
 
 
 @torch.no_grad()
-def target_nll(model: qwen.Qwen2, prompt: list[int], target: list[int], skip: int | None) -> float:
-    """Mean NLL of the target tokens with block `skip` passed over (None: every block runs)."""
+def skip_costs(model: qwen.Qwen2, prompt: list[int], target: list[int]) -> tuple[float, np.ndarray]:
+    """NLL with every block on, and the extra NLL of skipping each block alone, (L,)."""
+    ids = torch.tensor([prompt + target])
+    h = model.embed_tokens(ids)
+    cos, sin = model.rope(0, ids.shape[1], ids.device, h.dtype)
+    inputs = []  # inputs[i]: the stream entering block i, so skipping i only reruns the blocks after it
+    for block in model.layers:
+        inputs.append(h)
+        h = block(h, cos, sin)
+    full = target_nll(model, h, target)
+    costs = []
+    for i, x in enumerate(inputs):
+        for block in model.layers[i + 1:]:
+            x = block(x, cos, sin)
+        costs.append(target_nll(model, x, target) - full)
+    return full, np.array(costs)
+
+
+@torch.no_grad()
+def nll_skipping(model: qwen.Qwen2, prompt: list[int], target: list[int], skip: set[int]) -> float:
+    """Mean target NLL with every block in `skip` passed over at once."""
     ids = torch.tensor([prompt + target])
     h = model.embed_tokens(ids)
     cos, sin = model.rope(0, ids.shape[1], ids.device, h.dtype)
     for i, block in enumerate(model.layers):
-        if i != skip:
+        if i not in skip:
             h = block(h, cos, sin)
-    logits = model.lm_head(model.norm(h))[0, len(prompt) - 1:-1]  # position t predicts token t + 1
-    return F.cross_entropy(logits.float(), torch.tensor(target)).item()
+    return target_nll(model, h, target)
+
+
+def oracle(model, pts, full, costs, choose) -> tuple[float, float]:
+    """Blocks skipped (%) and perplexity ratio (skipping / every block on, token-weighted) when each
+    input closes choose(its costs) together."""
+    sets = [choose(c) for c in costs]
+    n_tok = sum(len(t) for _, t in pts)
+    nll = sum(len(t) * nll_skipping(model, p, t, s) for (p, t), s in zip(pts, sets))
+    base = sum(len(t) * f for (_, t), f in zip(pts, full))
+    return 100 * np.mean([len(s) for s in sets]) / costs.shape[1], math.exp((nll - base) / n_tok)
 
 
 def main():
-    p = argparse.ArgumentParser(description="Per-block cost of skipping, per step type (nats per target token).")
-    p.add_argument("--model", required=True, help="checkpoint folder")
+    p = argparse.ArgumentParser(description="Per-block cost of skipping per step type, and oracle routers.")
+    p.add_argument("--model", help="checkpoint folder (the frozen base)")
+    p.add_argument("--run", help="a train.py run folder: use its LoRA-only model instead of the base")
     p.add_argument("--data-dir", required=True, help="local data folder (e.g. ../shared/data)")
-    p.add_argument("--n", type=int, default=12, help="training-split steps per type")
+    p.add_argument("--split", default="train", help="train, val, test or all")
+    p.add_argument("--n", type=int, default=12, help="steps per type")
     p.add_argument("--max-len", type=int, default=256, help="tokens per step, oldest prompt tokens cut")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
+    if bool(args.model) == bool(args.run):
+        p.error("give exactly one of --model and --run")
     torch.set_num_threads(args.threads)
-    model, tok = qwen.load_model(args.model).eval(), qwen.load_tokenizer(args.model)
+    if args.run:
+        routed, tok, _ = lr.load_run(args.run)
+        for m in routed.modules():
+            if isinstance(m, lr.LoRALinear):
+                m.merge()
+        model = routed.base
+    else:
+        model, tok = qwen.load_model(args.model).eval(), qwen.load_tokenizer(args.model)
     steps, _ = data.load_steps(args.data_dir)
     L = model.cfg.num_hidden_layers
+    k = round(0.2 * L)
+    per_type = {}
     for kind in data.KINDS:
-        chosen = sorted((s for s in steps if s.kind == kind and s.split == "train"), key=lambda s: s.id)
+        chosen = sorted((s for s in steps if s.kind == kind and args.split in ("all", s.split)), key=lambda s: s.id)
         random.Random(0).shuffle(chosen)
         pts = [data.truncate(*data.encode(s, tok), args.max_len) for s in chosen[:args.n]]
         if not pts:
             continue
-        full = np.array([target_nll(model, pr, t, None) for pr, t in pts])
-        cost = np.array([[target_nll(model, pr, t, i) for pr, t in pts] for i in range(L)]).mean(1) - full.mean()
-        cheap = np.argsort(cost)
+        full, costs = zip(*(skip_costs(model, pr, t) for pr, t in pts))
+        full, costs = np.array(full), np.stack(costs)  # (n,), (n, L)
+        per_type[kind] = pts, full, costs
+        mean = costs.mean(0)
+        cheap = np.argsort(mean)[:k]
         print(f"{kind}: {len(pts)} steps, NLL {full.mean():.3f} nats/token, {np.mean([len(t) for _, t in pts]):.0f} target tokens")
-        print("  cost per block: " + " ".join(f"{c:.2f}" for c in cost))
-        for k in (3, round(0.2 * L)):
-            print(f"  the {k} cheapest blocks {sorted(cheap[:k].tolist())}: sum {cost[cheap[:k]].sum():.3f} nats/token "
-                  f"(perplexity x{np.exp(cost[cheap[:k]].sum()):.2f} if costs added)", flush=True)
+        print("  mean cost per block: " + " ".join(f"{c:.2f}" for c in mean))
+        print(f"  the {k} cheapest on average {sorted(cheap.tolist())}: sum {mean[cheap].sum():.3f} nats/token", flush=True)
+    print(f"\noracle routers (perplexity x = skipping / every block on, blocks skipped together; {args.split} split)")
+    rows = [(f"price {tau} nats/token", lambda c, tau=tau: {i for i in range(L) if c[i] < tau}) for tau in PRICES]
+    rows.append((f"{k} cheapest per input", lambda c: set(np.argsort(c)[:k].tolist())))
+    pair = [kind for kind in ("tool_call", "planning") if kind in per_type]
+    for name, choose in rows:
+        res = {kind: oracle(model, *per_type[kind], choose) for kind in per_type}
+        line = "  ".join(f"{kind} {s:5.1f}% x{r:.3f}" for kind, (s, r) in res.items())
+        diff = f"  differential {res[pair[0]][0] - res[pair[1]][0]:+.1f} points" if len(pair) == 2 else ""
+        print(f"  {name:24s} {line}{diff}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import eval as eval_  # noqa: E402
 import layerroute as lr  # noqa: E402
 import qwen  # noqa: E402
 
@@ -52,13 +54,11 @@ def spread(L: int, n: int) -> list[int]:
 
 
 def ideal_speedup(cfg, gates: torch.Tensor, prompt_len: int, new_tokens: int) -> float:
-    """FLOPs(all open) / FLOPs(gates) summed over the decode steps and rows. gates: (B, L) 0/1."""
-    full = routed = 0.0
-    for k in range(new_tokens):  # decode step k: one token per row, attending to prompt_len + k + 1 keys
-        block, head = qwen.forward_flops(cfg, prompt_len + k + 1)
-        full += gates.shape[0] * (cfg.num_hidden_layers * block + head)
-        routed += float(gates.sum()) * block + gates.shape[0] * head
-    return full / routed
+    """FLOPs(all open) / FLOPs(gates) over the decode steps of every row. gates: (B, L) 0/1.
+    Rows have the same length here, so the batch's skipped share is the mean of the rows'."""
+    end = prompt_len + new_tokens
+    skipped = np.mean([eval_.flops_skipped_pct(cfg, g, end, start=prompt_len) for g in gates.tolist()])
+    return 1 / (1 - skipped / 100)
 
 
 def measure(model, ids, args, label: str):

@@ -91,8 +91,6 @@ class LayerRoute(nn.Module):
             nn.init.zeros_(router.weight)
             nn.init.constant_(router.bias, b)
         self.open_gates = False  # True: every gate open (LoRA-only), routers untouched
-        self.straight_through = True  # False: hard gates carry no gradient (routers learn from measured costs)
-        self.block_inputs: list[torch.Tensor] | None = None  # when a list: the stream entering each block, detached
         self.last_scores: torch.Tensor | None = None  # (B, L) sigmoid scores of the last forward
         self.last_gates: torch.Tensor | None = None  # (B, L) hard 0/1 gates of the last forward
 
@@ -168,15 +166,14 @@ class LayerRoute(nn.Module):
                 hard = torch.ones_like(s) if self.open_gates else (s > 0.5).float()
                 # Straight-through: value = the hard gate, gradient = sigmoid's. The bracket matters:
                 # hard + s - s.detach() would round 1 + s - s to 0.99999994.
-                g = hard + (s - s.detach()) if self.straight_through else hard
+                g = hard + (s - s.detach())
             else:
                 s = g = cache.gates[:, i]
             scores.append(s)
             gates.append(g)
             if mix:  # training computes every block; g*f + (1-g)*h is exactly f or h for a 0/1 gate
-                if self.block_inputs is not None:
-                    self.block_inputs.append(h.detach())
-                h = gate_mix(g, block(h, cos, sin), h)
+                g3 = g.to(h.dtype)[:, None, None]
+                h = g3 * block(h, cos, sin) + (1 - g3) * h
                 continue
             if prefill and cache is not None:  # keep KV only for the rows that run this block
                 rows = g.nonzero().squeeze(-1)
@@ -203,12 +200,6 @@ class LayerRoute(nn.Module):
         if len(rows) == h.shape[0]:
             return block(h, cos, sin, kv)
         return h.index_copy(0, rows, block(h.index_select(0, rows), cos, sin, kv))
-
-
-def gate_mix(g: torch.Tensor, f: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """g * f + (1 - g) * h per row: a block's output where the gate is 1, its input where it is 0."""
-    g3 = g.to(h.dtype)[:, None, None]
-    return g3 * f + (1 - g3) * h
 
 
 def gate_loss(scores: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qwen
 
@@ -599,50 +598,6 @@ def test_train_resume_equals_uninterrupted(tmp_path):
     assert lam[0] == lam[1] != 1.0  # the dual-ascent lambda moved, and resumed where it was
     with pytest.raises(ValueError, match="--resume: lr"):
         train.train(train_args(tmp_path, "--steps", "6", "--skip-target", "0.3", "--out", str(cut), "--resume", "--lr", "1"))
-
-
-def test_train_measured_skip_costs_equal_direct_losses(tmp_path):
-    base, model = tiny_routed(tmp_path)
-    set_routers(model, [0.0] * 4, weight_std=3.0)
-    model.train()
-    ids = torch.randint(3, 300, (3, 14))
-    plens, n = torch.tensor([5, 8, 6]), torch.tensor([14, 12, 9])  # rows 1 and 2 end in padding
-    at = (torch.arange(14) >= plens[:, None] - 1) & (torch.arange(14) < n[:, None] - 1)  # positions predicting a target
-    targets = ids[:, 1:][at[:, :-1]]
-    model.block_inputs = []
-    model(ids, plens, logits_at=at)
-    gates = model.last_gates
-    assert 0 < gates.sum() < gates.numel()  # mixed gates, so "every other gate as routed" matters
-
-    def nll(row, closed):  # the plain base model (LoRA B = 0) on the unpadded row, blocks in `closed` skipped
-        x = ids[row:row + 1, :n[row]]
-        h = base.embed_tokens(x)
-        cos, sin = base.rope(0, x.shape[1], x.device, h.dtype)
-        for i, block in enumerate(base.layers):
-            h = h if i in closed else block(h, cos, sin)
-        logits = base.lm_head(base.norm(h))[0, plens[row] - 1:-1]
-        return F.cross_entropy(logits, x[0, plens[row]:]).item()
-
-    for j in range(4):
-        cost = train.measured_skip_costs(model, ids, at, targets, j)
-        for row in range(3):
-            closed = {i for i in range(4) if gates[row, i] == 0} - {j}
-            assert cost[row].item() == pytest.approx(nll(row, closed | {j}) - nll(row, closed), abs=1e-5)
-    assert model.training  # measuring switched dropout off and back on
-
-
-def test_train_measured_routers_learn_and_resume_exactly(tmp_path):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    train.train(train_args(tmp_path, "--steps", "6", "--router-signal", "measured", "--price", "0.05",
-                           "--out", str(cut)), stop_at=3)  # "interrupted"
-    for out, extra in ((whole, ()), (cut, ("--resume",))):
-        train.train(train_args(tmp_path, "--steps", "6", "--router-signal", "measured", "--price", "0.05",
-                               "--out", str(out), *extra))
-    from safetensors.torch import load_file
-    a, b = load_file(whole / "adapters.safetensors"), load_file(cut / "adapters.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(a[k].abs().sum() > 0 for k in a if k.startswith("routers.") and k.endswith("weight"))  # routers learnt
-
 # ---- end train ----
 
 # ---- eval ----

@@ -52,13 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "decides which inputs skip; unset = fixed --gate-lambda (the paper)")
     p.add_argument("--lambda-rate", type=float, default=0.2, help="dual-ascent rate: per step, lambda *= "
                    "exp(rate * (skip target - skipped share))")
-    p.add_argument("--router-signal", choices=["ste", "measured"], default="ste", help="what teaches the routers: "
-                   "ste = the paper's straight-through gradient of LM loss + lambda * mean(sigmoid); measured = "
-                   "the real loss difference of closing a block (see measured_skip_costs), against --price")
-    p.add_argument("--price", type=float, default=0.01, help="measured: close a block where it costs an input "
-                   "less than this many nats per target token (the same price for every step type)")
-    p.add_argument("--measured-blocks", type=int, default=2, help="measured: blocks whose cost is measured per "
-                   "micro-batch (each costs about one extra forward)")
     p.add_argument("--router-bias", type=float, default=1.0, help="initial router bias of every layer "
                    "(weights start at 0; sigmoid(1.0) = 0.73, every gate open at step 0)")
     p.add_argument("--router-init", choices=["neutral", "band"], default="neutral", help="neutral: every "
@@ -75,8 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
     args = p.parse_args(argv)
-    if args.router_signal == "measured" and args.skip_target is not None:
-        p.error("--skip-target steers lambda, which --router-signal measured does not use (its lever is --price)")
     # run.json must locate everything from any working directory: make local paths absolute.
     for k in ("model", "random_init", "data_dir", "out"):
         v = getattr(args, k)
@@ -132,37 +123,6 @@ def synthetic_batches(args, vocab: int, start: int):
         i += 1
 
 
-@torch.no_grad()
-def measured_skip_costs(model: lr.LayerRoute, ids: torch.Tensor, at: torch.Tensor, targets: torch.Tensor,
-                        block: int) -> torch.Tensor:
-    """(B,) what closing `block` costs each row, in nats per target token: target loss with the block
-    closed minus with it open, every other gate as routed, dropout off. A measured difference where
-    the straight-through gradient is a first-order guess. Needs the forward's model.block_inputs."""
-    base, gates, B = model.base, model.last_gates, ids.shape[0]
-    x = model.block_inputs[block]
-    cos, sin = base.rope(0, ids.shape[1], ids.device, x.dtype)
-    model.eval()  # no dropout: the two branches differ by the block alone
-    two = torch.cat([base.layers[block](x, cos, sin), x])  # rows 0..B-1 open, B..2B-1 closed
-    for i in range(block + 1, len(base.layers)):
-        two = lr.gate_mix(gates[:, i].repeat(2), base.layers[i](two, cos, sin), two)
-    model.train()
-    at2 = at.repeat(2, 1)
-    ce = F.cross_entropy(base.lm_head(base.norm(two[at2])).float(), targets.repeat(2), reduction="none")
-    nll = torch.zeros(2 * B, device=ids.device).index_add_(0, at2.nonzero()[:, 0], ce) / at2.sum(1).clamp(min=1)
-    return nll[B:] - nll[:B]
-
-
-def measure_random_blocks(model: lr.LayerRoute, ids, at, targets, n: int) -> dict[int, torch.Tensor]:
-    """measured_skip_costs of n blocks drawn at random (the step's seed fixes which): {block: (B,)}."""
-    return {j: measured_skip_costs(model, ids, at, targets, j) for j in torch.randperm(len(model.base.layers))[:n].tolist()}
-
-
-def price_loss(scores: torch.Tensor, costs: dict[int, torch.Tensor], price: float) -> torch.Tensor:
-    """Logistic regression of each measured block's router on "closing it costs this input more than
-    the price": the routers learn which inputs can skip which blocks from real costs, one price for all."""
-    return sum(F.binary_cross_entropy(scores[:, j], (c > price).float()) for j, c in costs.items()) / len(costs)
-
-
 def lr_at(step: int, args) -> float:
     """Linear warm-up to 1, then cosine to 0 over the remaining steps (a multiplier of --lr)."""
     if step < args.warmup:
@@ -198,8 +158,7 @@ def restore(model, opt, args) -> tuple[int, float]:
     """Load adapters and optimiser moments from args.out; return the step to continue from and lambda."""
     with open(os.path.join(args.out, "run.json")) as f:
         saved = json.load(f)
-    for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init", "skip_target",
-              "router_signal", "price"):
+    for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init", "skip_target"):
         if saved.get(k) != getattr(args, k):
             raise ValueError(f"--resume: {k}={getattr(args, k)!r} but the run in {args.out} used {saved.get(k)!r}")
     lr.load_adapters(model, os.path.join(args.out, "adapters.safetensors"))
@@ -227,8 +186,6 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     model.train()
-    measured = args.router_signal == "measured"
-    model.straight_through = not measured  # measured: the LM loss reaches LoRA only
     t_last, tokens, skips = time.time(), 0, {}
     while step < args.steps:
         torch.manual_seed(args.seed * 1_000_003 + step)  # dropout masks depend on the step alone
@@ -241,16 +198,10 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             # labels[t] is the token that position t-1 predicts; prompt and padding are -100.
             # The head and the loss run only where the next token is a target.
             at = F.pad(labels[:, 1:] != -100, (0, 1))
-            targets = labels[:, 1:][at[:, :-1]]
-            model.block_inputs = [] if measured else None
             with autocast:
                 logits = model(ids, b.prompt_lens.to(args.device), logits_at=at)
-                costs = measure_random_blocks(model, ids, at, targets, args.measured_blocks) if measured else None
-            model.block_inputs = None
-            lm = F.cross_entropy(logits.float(), targets, reduction="sum") / n_target
-            # (outside autocast: CUDA autocast refuses binary_cross_entropy)
-            gate = price_loss(model.last_scores, costs, args.price) if measured else lam * lr.gate_loss(model.last_scores)
-            gate = gate / args.grad_accum
+            lm = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="sum") / n_target
+            gate = lam * lr.gate_loss(model.last_scores) / args.grad_accum
             (lm + gate).backward()
             lm_sum, gate_sum = lm_sum + lm.item(), gate_sum + gate.item()
             tokens += int(b.ids.numel())

@@ -9,7 +9,8 @@ per model: blocks and FLOPs skipped, target-token perplexity of the frozen base,
 gate open and of LayerRoute (LoRA + routing), per-layer skip rates; from greedy generation, task
 accuracy of the same three; from timed KV-cached decoding at batch 1, ms per token with routing and
 with every block on. Across types: the skip differential (tool - planning) with a bootstrap CI, the
-same on length-matched pairs, and the correlation of the gate score with prompt length.
+same on length-matched pairs and against tool-call prompts cut to the planning prompts' lengths,
+and the correlation of the gate score with prompt length.
 The three models are one LayerRoute object under its two switches (MODES): they share every line
 of code except the switch, so a difference between them is the switch's.
 """
@@ -175,8 +176,9 @@ def across_types(recs: list[dict], n_boot: int, width: int, seed: int) -> dict:
     out["differential"] = {"points": float(np.mean(a) - np.mean(b)), "ci95": bootstrap_ci(a, b, n_boot, seed)}
     pairs = length_matched_pairs([r["prompt_len"] for r in tool], [r["prompt_len"] for r in plan], width)
     out["length_matched"] = paired([a[i] - b[j] for i, j in pairs], n_boot, seed) | {"bin_width": width}
-    if all("cut_gates" in r for r in plan):  # tool prompts cut to each planning prompt's length
-        out["cut_matched"] = paired([skip({"gates": r["cut_gates"]}) - skip(r) for r in plan], n_boot, seed)
+    if any("cut_gates" in r for r in plan):  # tool prompts cut to planning prompts' lengths
+        out["cut_matched"] = paired([skip({"gates": r["cut_gates"]}) - skip(r) for r in plan if "cut_gates" in r],
+                                    n_boot, seed)
     return out
 
 
@@ -393,19 +395,13 @@ def print_table(report: dict, out=None):
               f"{fmt(a.get('base')):>10}{fmt(a.get('lora')):>6}{fmt(a.get('routed')):>7}{fmt(a.get('n'), 'd'):>8}"
               f"{fmt(lat.get('ms_per_token_full'), '.1f'):>13}{fmt(lat.get('ms_per_token_routed'), '.1f'):>8}"
               f"{fmt(lat.get('speedup'), '.3f'):>9}{fmt(lat.get('ideal_speedup'), '.3f'):>7}", file=out)
-    d, m = report.get("differential"), report.get("length_matched")
-    if d:
-        print(f"skip differential (tool - planning, blocks): {d['points']:+.2f} points, "
-              f"95% CI [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]", file=out)
-    if m:
-        ci = f"[{m['ci95'][0]:+.2f}, {m['ci95'][1]:+.2f}]" if m["ci95"] else "-"
-        print(f"length-matched ({m['pairs']} pairs, bins of {m['bin_width']} prompt tokens): "
-              f"{fmt(m['points'], '+.2f')} points, 95% CI {ci}", file=out)
-    if report.get("cut_matched"):
-        c = report["cut_matched"]
-        ci = f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" if c["ci95"] else "-"
-        print(f"cut-matched (tool prompts cut to each planning prompt's length, {c['pairs']} pairs): "
-              f"{fmt(c['points'], '+.2f')} points, 95% CI {ci}", file=out)
+    for key, label in (("differential", "skip differential (tool - planning, blocks)"),
+                       ("length_matched", "length-matched ({pairs} pairs, bins of {bin_width} prompt tokens)"),
+                       ("cut_matched", "cut-matched (tool prompts cut to each planning prompt's length, {pairs} pairs)")):
+        d = report.get(key)
+        if d:
+            ci = f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"
+            print(f"{label.format(**d)}: {fmt(d['points'], '+.2f')} points, 95% CI {ci}", file=out)
     print(f"corr(mean gate score, prompt length): {fmt(report.get('gate_length_corr'), '+.3f')}; "
           f"corr(score, is tool call): {fmt(report.get('gate_type_corr'), '+.3f')}", file=out)
     if report["latency"]:

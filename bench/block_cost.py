@@ -20,7 +20,6 @@ open, i.e. its LoRA-only model); without it the frozen base model.
 import argparse
 import math
 import os
-import random
 import sys
 
 import numpy as np
@@ -29,24 +28,31 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+import eval as eval_  # noqa: E402
 import layerroute as lr  # noqa: E402
 import qwen  # noqa: E402
 
 PRICES = (0.002, 0.005, 0.01, 0.02, 0.05)  # tau, nats per target token
 
 
+def embed(model: qwen.Qwen2, prompt: list[int], target: list[int]):
+    """The stream entering block 0 of one unpadded row, and its rotary tables."""
+    ids = torch.tensor([prompt + target])
+    h = model.embed_tokens(ids)
+    return h, *model.rope(0, ids.shape[1], ids.device, h.dtype)
+
+
 def target_nll(model: qwen.Qwen2, h: torch.Tensor, target: list[int]) -> float:
-    """Mean NLL of the target tokens (the last len(target) tokens) from the final hidden states."""
-    logits = model.lm_head(model.norm(h))[0, -len(target) - 1:-1]  # position t predicts token t + 1
+    """Mean NLL of the target tokens (the last len(target) tokens) from the final hidden states;
+    the head runs only where it predicts one (position t predicts token t + 1)."""
+    logits = model.lm_head(model.norm(h[0, -len(target) - 1:-1]))
     return F.cross_entropy(logits.float(), torch.tensor(target)).item()
 
 
 @torch.no_grad()
 def skip_costs(model: qwen.Qwen2, prompt: list[int], target: list[int]) -> tuple[float, np.ndarray]:
     """NLL with every block on, and the extra NLL of skipping each block alone, (L,)."""
-    ids = torch.tensor([prompt + target])
-    h = model.embed_tokens(ids)
-    cos, sin = model.rope(0, ids.shape[1], ids.device, h.dtype)
+    h, cos, sin = embed(model, prompt, target)
     inputs = []  # inputs[i]: the stream entering block i, so skipping i only reruns the blocks after it
     for block in model.layers:
         inputs.append(h)
@@ -63,9 +69,7 @@ def skip_costs(model: qwen.Qwen2, prompt: list[int], target: list[int]) -> tuple
 @torch.no_grad()
 def nll_skipping(model: qwen.Qwen2, prompt: list[int], target: list[int], skip: set[int]) -> float:
     """Mean target NLL with every block in `skip` passed over at once."""
-    ids = torch.tensor([prompt + target])
-    h = model.embed_tokens(ids)
-    cos, sin = model.rope(0, ids.shape[1], ids.device, h.dtype)
+    h, cos, sin = embed(model, prompt, target)
     for i, block in enumerate(model.layers):
         if i not in skip:
             h = block(h, cos, sin)
@@ -107,12 +111,8 @@ def main():
     L = model.cfg.num_hidden_layers
     k = round(0.2 * L)
     per_type = {}
-    for kind in data.KINDS:
-        chosen = sorted((s for s in steps if s.kind == kind and args.split in ("all", s.split)), key=lambda s: s.id)
-        random.Random(0).shuffle(chosen)
-        pts = [data.truncate(*data.encode(s, tok), args.max_len) for s in chosen[:args.n]]
-        if not pts:
-            continue
+    for kind, chosen in eval_.pick(steps, args.split, args.n, seed=0).items():  # eval.py's sample
+        pts = [data.truncate(*data.encode(s, tok), args.max_len) for s in chosen]
         full, costs = zip(*(skip_costs(model, pr, t) for pr, t in pts))
         full, costs = np.array(full), np.stack(costs)  # (n,), (n, L)
         per_type[kind] = pts, full, costs

@@ -1,0 +1,125 @@
+"""Train with gates fixed by step type instead of learned: what LoRA absorbs when routing is perfect.
+
+A type oracle replaces the routers: every step of --kind skips the blocks in --skip (the same
+blocks for every input of that kind), every other step runs every block. Everything else is
+train.py unchanged (same data, schedule, seed, loss). It answers the question the oracle routers of
+bench/block_cost.py leave open: when LoRA is trained *with* the skips, how much of their cost does
+it absorb within the budget? Afterwards, perplexity per type on the test split (batch 1, unpadded,
+eval.py's sample), with the fixed gates and with every block on, and the greedy exact match of --kind.
+train.py is patched from outside for the run (two functions, restored after): it stays the method.
+
+    python bench/fixed_gates.py --skip 3,5,7,12,14,25 --model DIR --data-dir ../shared/data \
+        --device cpu --steps 300 --max-len 256 --grad-accum 1 --seed 0 --out runs/fixed6
+    python bench/fixed_gates.py --skip "" ... --out runs/lora0          # LoRA alone, nothing skipped
+    python bench/fixed_gates.py --eval-only --skip 3,5,7,12,14,25 --out runs/lora0 --data-dir ../shared/data
+"""
+import argparse
+import collections
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import block_cost  # noqa: E402
+import data  # noqa: E402
+import eval as eval_  # noqa: E402
+import layerroute as lr  # noqa: E402
+import train  # noqa: E402
+
+
+@contextlib.contextmanager
+def fixed_gates(skip: set[int], kind: str):
+    """Inside the block, train.py's loop uses fixed gates: each micro-batch's rows get theirs from
+    their kinds. The loop draws grad_accum micro-batches, then runs them in the same order: a queue
+    pairs them. Both patched functions are restored on exit."""
+    pending = collections.deque()
+    make_batches, forward = train.training_batches, lr.LayerRoute.forward
+
+    def batches(args, model, start):
+        L = model.base.cfg.num_hidden_layers
+        for b in make_batches(args, model, start):
+            pending.append(torch.tensor([[0.0 if k == kind and i in skip else 1.0 for i in range(L)]
+                                         for k in b.kinds]))
+            yield b
+
+    def fixed_forward(self, ids, prompt_lens=None, cache=None, logits_at=None):
+        scores = pending.popleft()  # a constant score: the gate is hard and the router gets no gradient
+        self.route = lambda i, h, _lens: scores[:, i].to(h.device)
+        return forward(self, ids, prompt_lens, cache, logits_at)
+
+    train.training_batches, lr.LayerRoute.forward = batches, fixed_forward
+    try:
+        yield
+    finally:
+        train.training_batches, lr.LayerRoute.forward = make_batches, forward
+
+
+def perplexities(run: str, data_dir: str, skip: set[int], kind: str, n: int, max_len: int) -> dict:
+    """Per type: perplexity with every block on, and (for `kind`) with `skip` passed over."""
+    routed, tok, _ = lr.load_run(run)
+    for m in routed.modules():
+        if isinstance(m, lr.LoRALinear):
+            m.merge()
+    model = routed.base
+    steps, _ = data.load_steps(data_dir)
+    out = {}
+    for k, chosen in eval_.pick(steps, "test", n, seed=0).items():
+        if k not in eval_.PAIR:
+            continue
+        pts = [data.truncate(*data.encode(s, tok), max_len) for s in chosen]
+        tokens = sum(len(t) for _, t in pts)
+
+        def ppl(blocks):
+            return math.exp(sum(len(t) * block_cost.nll_skipping(model, p, t, blocks) for p, t in pts) / tokens)
+        out[k] = {"n": len(pts), "ppl_open": ppl(set())}
+        if k == kind and skip:
+            out[k]["ppl_skipping"] = ppl(skip)
+            out[k]["ratio"] = out[k]["ppl_skipping"] / out[k]["ppl_open"]
+        print(f"{k}: n {len(pts)}, " + ", ".join(f"{a} {b:.4f}" for a, b in out[k].items() if a != "n"), flush=True)
+    return out
+
+
+def exact_match(run: str, data_dir: str, skip: set[int], kind: str, n: int, max_len: int,
+                max_new_tokens: int = 256) -> dict:
+    """eval.py's greedy task accuracy of `kind` (base / LoRA-only / skipping `skip`), its sample and cap."""
+    model, tok, _ = lr.load_run(run)
+    model.route = lambda i, h, _lens: torch.full((h.shape[0],), 0.0 if i in skip else 1.0)
+    steps, _ = data.load_steps(data_dir)
+    items = [(data.truncate(*data.encode(s, tok), max_len)[0], kind, s.answer)
+             for s in eval_.pick(steps, "test", None, seed=0)[kind]
+             if eval_.answer_correct(kind, "", s.answer) is not None][:n]
+    acc, _ = eval_.task_accuracy(model, tok, items, max_new_tokens)
+    acc = {{"lora": "lora_only", "routed": "skipping"}.get(k, k): v for k, v in acc.items()}
+    print(f"{kind} exact match: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "n") + f" (n {acc['n']})")
+    return acc
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False)
+    p.add_argument("--skip", required=True, help="comma-separated blocks that --kind steps skip ('' for none)")
+    p.add_argument("--kind", default="tool_call", help="the step type that skips")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the run in --out, do not train")
+    p.add_argument("--n", type=int, default=200, help="test steps per type")
+    p.add_argument("--gen-n", type=int, default=20, help="steps of --kind to generate for exact match (0: none)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ours, rest = p.parse_known_args()
+    args = train.parse_args(rest)
+    torch.set_num_threads(ours.threads)
+    skip = {int(x) for x in ours.skip.split(",") if x.strip()}
+    if not ours.eval_only:
+        with fixed_gates(skip, ours.kind):
+            train.train(args)
+    result = perplexities(args.out, args.data_dir, skip, ours.kind, ours.n, args.max_len)
+    if ours.gen_n:
+        result["exact_match"] = exact_match(args.out, args.data_dir, skip, ours.kind, ours.gen_n, args.max_len)
+    name = "fixed_gates_eval.json" if ours.eval_only else "fixed_gates.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump({"skip": sorted(skip), "kind": ours.kind, "trained_with_skip": not ours.eval_only, **result}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,15 @@ import qwen  # noqa: E402
 PRICES = (0.002, 0.005, 0.01, 0.02, 0.05)  # tau, nats per target token
 
 
+def lora_only(run: str) -> tuple[qwen.Qwen2, object]:
+    """A run's LoRA merged into its base (every block on: its LoRA-only model), and its tokenizer."""
+    routed, tok, _ = lr.load_run(run)
+    for m in routed.modules():
+        if isinstance(m, lr.LoRALinear):
+            m.merge()
+    return routed.base, tok
+
+
 def embed(model: qwen.Qwen2, prompt: list[int], target: list[int]):
     """The stream entering block 0 of one unpadded row, and its rotary tables."""
     ids = torch.tensor([prompt + target])
@@ -100,11 +109,7 @@ def main():
         p.error("give exactly one of --model and --run")
     torch.set_num_threads(args.threads)
     if args.run:
-        routed, tok, _ = lr.load_run(args.run)
-        for m in routed.modules():
-            if isinstance(m, lr.LoRALinear):
-                m.merge()
-        model = routed.base
+        model, tok = lora_only(args.run)
     else:
         model, tok = qwen.load_model(args.model).eval(), qwen.load_tokenizer(args.model)
     steps, _ = data.load_steps(args.data_dir)

@@ -60,11 +60,7 @@ def fixed_gates(skip: set[int], kind: str):
 
 def perplexities(run: str, data_dir: str, skip: set[int], kind: str, n: int, max_len: int) -> dict:
     """Per type: perplexity with every block on, and (for `kind`) with `skip` passed over."""
-    routed, tok, _ = lr.load_run(run)
-    for m in routed.modules():
-        if isinstance(m, lr.LoRALinear):
-            m.merge()
-    model = routed.base
+    model, tok = block_cost.lora_only(run)
     steps, _ = data.load_steps(data_dir)
     out = {}
     for k, chosen in eval_.pick(steps, "test", n, seed=0).items():
@@ -117,8 +113,8 @@ def main():
     if ours.gen_n:
         result["exact_match"] = exact_match(args.out, args.data_dir, skip, ours.kind, ours.gen_n, args.max_len)
     name = "fixed_gates_eval.json" if ours.eval_only else "fixed_gates.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump({"skip": sorted(skip), "kind": ours.kind, "trained_with_skip": not ours.eval_only, **result}, f, indent=2)
+    record = {"skip": sorted(skip), "kind": ours.kind, "trained_with_skip": not ours.eval_only, **result}
+    lr.atomic_write(os.path.join(args.out, name), lambda tmp: open(tmp, "w").write(json.dumps(record, indent=2)))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""LayerRoute on a frozen Qwen2: LoRA on q/k/v/o plus one straight-through router per block.
+"""LayerRoute on a frozen Qwen2: LoRA on q/k/v/o plus one router (a hard gate) per block.
 
 A sequence's gates are decided once, from its prompt (every token before the first target token):
 at block i the router reads the mean of `input_layernorm(h)` over the prompt's real tokens, the
 first token excluded (its "massive activation" is a constant that a mean turns into a length
 signal), padding excluded, scaled to unit length. sigmoid(router) > 0.5 opens the gate; closed means h_out = h.
 
-- Training computes every block and mixes g * block(h) + (1 - g) * h: the straight-through
-  gradient (forward uses the hard gate, backward the sigmoid) needs block(h) even where g = 0.
+- The routers learn in one of two ways. Straight-through (the paper): forward uses the hard
+  gate, backward the sigmoid, so training computes every block, block(h) is needed even where
+  g = 0, and mixes g * block(h) + (1 - g) * h. Measured (train.py --gate-grad measured): training
+  runs only the open blocks, and flip_losses reruns the rest of the network with one gate flipped,
+  so a router learns what skipping its block really costs each input.
 - Evaluation and generation compute a block only for the rows whose gate is open, and a KV cache
   exists only for those rows: skipped compute is really not done.
 Because the prompt's hidden states are causal, teacher-forced scoring and generation see exactly
@@ -91,6 +94,10 @@ class LayerRoute(nn.Module):
             nn.init.zeros_(router.weight)
             nn.init.constant_(router.bias, b)
         self.open_gates = False  # True: every gate open (LoRA-only), routers untouched
+        # False: the gate's gradient is not the straight-through estimate; training then runs only
+        # the open blocks, and the routers learn from measured loss differences (flip_losses).
+        self.straight_through = True
+        self.block_inputs: list[torch.Tensor] | None = None  # set to [] to keep each block's input h
         self.last_scores: torch.Tensor | None = None  # (B, L) sigmoid scores of the last forward
         self.last_gates: torch.Tensor | None = None  # (B, L) hard 0/1 gates of the last forward
 
@@ -158,7 +165,9 @@ class LayerRoute(nn.Module):
         prefill = cache is None or cache.gates is None
         if prompt_lens is None:
             prompt_lens = torch.full((B,), T, device=ids.device)
-        mix = self.training and torch.is_grad_enabled()
+        mix = self.training and torch.is_grad_enabled() and self.straight_through
+        if self.block_inputs is not None:
+            self.block_inputs = []
         scores, gates = [], []
         for i, block in enumerate(base.layers):
             if prefill:
@@ -166,11 +175,13 @@ class LayerRoute(nn.Module):
                 hard = torch.ones_like(s) if self.open_gates else (s > 0.5).float()
                 # Straight-through: value = the hard gate, gradient = sigmoid's. The bracket matters:
                 # hard + s - s.detach() would round 1 + s - s to 0.99999994.
-                g = hard + (s - s.detach())
+                g = hard + (s - s.detach()) if self.straight_through else hard
             else:
                 s = g = cache.gates[:, i]
             scores.append(s)
             gates.append(g)
+            if self.block_inputs is not None:
+                self.block_inputs.append(h.detach())
             if mix:  # training computes every block; g*f + (1-g)*h is exactly f or h for a 0/1 gate
                 g3 = g.to(h.dtype)[:, None, None]
                 h = g3 * block(h, cos, sin) + (1 - g3) * h
@@ -188,6 +199,23 @@ class LayerRoute(nn.Module):
             h = h[logits_at]
         return base.lm_head(base.norm(h))
 
+    @torch.no_grad()
+    def flip_losses(self, k: int, logits_at: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each row's mean target loss (nats/token) had block k's gate been the other way in the
+        last forward, every other gate unchanged: blocks k.. rerun from the kept input of block k.
+
+        With the last forward's own row losses this measures what skipping block k costs each row,
+        the full nonlinear effect, where the straight-through gradient sees only a first-order guess.
+        """
+        h = self.block_inputs[k]
+        gates = self.last_gates.clone()
+        gates[:, k] = 1 - gates[:, k]
+        cos, sin = self.base.rope(0, h.shape[1], h.device, h.dtype)
+        for i in range(k, len(self.base.layers)):
+            h = self.run_block(i, self.base.layers[i], h, gates[:, i], cos, sin, None)
+        logits = self.base.lm_head(self.base.norm(h[logits_at]))
+        return row_means(F.cross_entropy(logits.float(), targets, reduction="none"), logits_at)
+
     @staticmethod
     def run_block(i, block, h, g, cos, sin, kv: KVCache | None) -> torch.Tensor:
         """Compute block i only for the rows whose gate is open; the others pass h through."""
@@ -200,6 +228,20 @@ class LayerRoute(nn.Module):
         if len(rows) == h.shape[0]:
             return block(h, cos, sin, kv)
         return h.index_copy(0, rows, block(h.index_select(0, rows), cos, sin, kv))
+
+
+def row_means(values: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of values (N,) given at the positions at (B, T) is True, row-major as h[at]."""
+    rows = at.nonzero()[:, 0]
+    sums = torch.zeros(at.shape[0], device=values.device).index_add_(0, rows, values.float())
+    return sums / at.sum(1).clamp(min=1)
+
+
+def measured_gate_loss(scores: torch.Tensor, cost: torch.Tensor, price: float) -> torch.Tensor:
+    """The router as a classifier: its score should say whether skipping its block costs this row
+    more than the price (label 1: keep the block) or less (label 0: skip it). Unweighted: a
+    cost-weighted loss let the few costly rows drown the cheap ones, and no gate ever closed."""
+    return F.binary_cross_entropy(scores.float(), (cost > price).float())
 
 
 def gate_loss(scores: torch.Tensor) -> torch.Tensor:

@@ -422,6 +422,35 @@ def test_layerroute_skipped_block_is_exactly_gate_zero(tmp_path):
         assert torch.equal(model.eval()(ids), expected)  # evaluation does not compute blocks 1, 3
         assert model.last_gates.tolist() == [[1.0, 0.0, 1.0, 0.0]] * 2
         assert torch.equal(model.train()(ids), expected)  # training computes all, mixes: same value
+        model.straight_through = False  # measured gate gradients: training runs the open blocks only
+        assert torch.equal(model(ids), expected)
+
+
+def test_layerroute_flip_losses_equal_a_rerun_with_that_gate_flipped(tmp_path):
+    base, model = tiny_routed(tmp_path, dropout=0.0)  # LoRA B = 0: the routed model is base with blocks dropped
+    set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)  # rows get different gates
+    torch.manual_seed(0)
+    ids, prompt_lens = torch.randint(3, 300, (3, 10)), torch.tensor([4, 6, 5])
+    at = torch.arange(10) >= prompt_lens[:, None] - 1  # predict every token after the prompt...
+    at[:, -1] = False  # ...the last position has nothing to predict
+    targets = ids[:, 1:][at[:, :-1]]
+    model.eval().block_inputs = []
+    with torch.no_grad():
+        model(ids, prompt_lens, logits_at=at)
+    gates = model.last_gates.bool()
+    assert 0 < gates.sum() < gates.numel() and len({tuple(r) for r in gates.tolist()}) > 1
+    for k in range(4):
+        got = model.flip_losses(k, at, targets)
+        for b in range(3):
+            blocks = [i for i in range(4) if gates[b, i] != (i == k)]  # row b's gates, block k flipped
+            with torch.no_grad():
+                h = base.embed_tokens(ids[b:b + 1])
+                cos, sin = base.rope(0, 10, ids.device, h.dtype)
+                for i in blocks:
+                    h = base.layers[i](h, cos, sin)
+                logits = base.lm_head(base.norm(h))[0, at[b]]
+            expected = torch.nn.functional.cross_entropy(logits, ids[b, 1:][at[b, :-1]])  # mean over the row's targets
+            assert got[b].item() == pytest.approx(expected.item(), rel=1e-5), (k, b)
 
 
 def test_layerroute_gradients_reach_lora_and_routers_only(tmp_path):
@@ -585,19 +614,39 @@ def test_train_lowers_the_loss(tmp_path):
     assert model.counts()["trainable"] == 7_298
 
 
-def test_train_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("price,init,skipped,dtype", [(100.0, "neutral", 100.0, "float32"),
+                                                      (-100.0, "band", 0.0, "bfloat16")])  # + the autocast path
+def test_train_measured_gates_follow_the_price(tmp_path, price, init, skipped, dtype):
+    # Skipping a block of this model costs far less than 100 nats/token and far more than -100:
+    # the measured gradient must close every gate in the first case and open every one in the second.
+    out = tmp_path / "run"
+    train.train(train_args(tmp_path, "--steps", "8", "--gate-grad", "measured", "--price", str(price),
+                           "--router-init", init, "--router-lr-mult", "1000", "--dtype", dtype, "--out", str(out)))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    def skips(rec):
+        return {rec[k] for k in rec if k.startswith("skip_")}
+    assert skips(log[0]) == ({0.0} if init == "neutral" else {50.0})  # band: one of the 2 blocks closed at first
+    assert skips(log[-1]) == {skipped}, log[-1]
+
+
+@pytest.mark.parametrize("mode,start", [("ste", 1.0), ("measured", 0.03)])
+def test_train_resume_equals_uninterrupted(tmp_path, mode, start):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    train.train(train_args(tmp_path, "--steps", "6", "--skip-target", "0.3", "--out", str(whole)))
-    train.train(train_args(tmp_path, "--steps", "6", "--skip-target", "0.3", "--out", str(cut)), stop_at=3)  # "interrupted"
+
+    def run(out, *extra, **kw):
+        train.train(train_args(tmp_path, "--steps", "6", "--skip-target", "0.3", "--gate-grad", mode,
+                               "--out", str(out), *extra), **kw)
+    run(whole)
+    run(cut, stop_at=3)  # "interrupted"
     assert json.loads((cut / "run.json").read_text())["step"] == 3
-    train.train(train_args(tmp_path, "--steps", "6", "--skip-target", "0.3", "--out", str(cut), "--resume"))
+    run(cut, "--resume")
     from safetensors.torch import load_file
     a, b = load_file(whole / "adapters.safetensors"), load_file(cut / "adapters.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lam = [json.loads((d / "run.json").read_text())["lambda_now"] for d in (whole, cut)]
-    assert lam[0] == lam[1] != 1.0  # the dual-ascent lambda moved, and resumed where it was
+    assert lam[0] == lam[1] != start  # the dual-ascent lambda (or price) moved, and resumed where it was
     with pytest.raises(ValueError, match="--resume: lr"):
-        train.train(train_args(tmp_path, "--steps", "6", "--skip-target", "0.3", "--out", str(cut), "--resume", "--lr", "1"))
+        run(cut, "--resume", "--lr", "1")
 # ---- end train ----
 
 # ---- eval ----

@@ -42,18 +42,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of LoRA")
-    p.add_argument("--router-lr-mult", type=float, default=30.0, help="router learning rate = lr x this "
-                   "(at 10 the unit-length router moved too little in 300 steps to close any gate)")
+    p.add_argument("--router-lr-mult", type=float, help="router learning rate = lr x this (default: 30 with "
+                   "ste, where at 10 the unit-length router closed no gate in 300 steps; 300 with measured, "
+                   "where a router is updated only on the micro-batches that flip its block)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (oldest prompt tokens cut)")
+    p.add_argument("--gate-grad", choices=["ste", "measured"], default="ste", help="ste: the paper's "
+                   "straight-through gradient with the regulariser lambda * mean(sigmoid); measured: each "
+                   "micro-batch reruns --flips blocks with their gate flipped, and those routers learn from the "
+                   "measured loss difference against --price")
+    p.add_argument("--flips", type=int, default=2, help="measured: blocks flipped per micro-batch (each costs "
+                   "a forward pass from that block on, without gradient)")
+    p.add_argument("--price", type=float, default=0.03, help="measured: skip a block where skipping it costs "
+                   "less than this many nats per target token")
     p.add_argument("--gate-lambda", type=float, default=1.0, help="weight of the gate regulariser mean(sigmoid)")
     p.add_argument("--skip-target", type=float, help="a share of blocks to skip over training (e.g. 0.25): "
                    "lambda then follows dual ascent, the same for every step type, so the LM loss alone "
                    "decides which inputs skip; unset = fixed --gate-lambda (the paper)")
     p.add_argument("--lambda-rate", type=float, default=0.2, help="dual-ascent rate: per step, lambda *= "
                    "exp(rate * (skip target - skipped share))")
-    p.add_argument("--router-bias", type=float, default=1.0, help="initial router bias of every layer "
-                   "(weights start at 0; sigmoid(1.0) = 0.73, every gate open at step 0)")
+    p.add_argument("--router-bias", type=float, help="initial router bias of every layer; weights start at 0, "
+                   "so every gate is open at step 0 (default: 1.0 with ste, sigmoid 0.73; 0.3 with measured, "
+                   "sigmoid 0.57, near the threshold, as measured costs cannot misprice a block it closes)")
     p.add_argument("--router-init", choices=["neutral", "band"], default="neutral", help="neutral: every "
                    "layer starts at --router-bias; band: the reference code's start, the middle third closed")
     p.add_argument("--pooling", choices=["prompt", "reference"], default="prompt", help="router input: "
@@ -68,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
     args = p.parse_args(argv)
+    lr_mult, bias = {"ste": (30.0, 1.0), "measured": (300.0, 0.3)}[args.gate_grad]
+    args.router_lr_mult = lr_mult if args.router_lr_mult is None else args.router_lr_mult
+    args.router_bias = bias if args.router_bias is None else args.router_bias
     # run.json must locate everything from any working directory: make local paths absolute.
     for k in ("model", "random_init", "data_dir", "out"):
         v = getattr(args, k)
@@ -158,7 +171,8 @@ def restore(model, opt, args) -> tuple[int, float]:
     """Load adapters and optimiser moments from args.out; return the step to continue from and lambda."""
     with open(os.path.join(args.out, "run.json")) as f:
         saved = json.load(f)
-    for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init", "skip_target"):
+    for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init", "skip_target",
+              "gate_grad"):
         if saved.get(k) != getattr(args, k):
             raise ValueError(f"--resume: {k}={getattr(args, k)!r} but the run in {args.out} used {saved.get(k)!r}")
     lr.load_adapters(model, os.path.join(args.out, "adapters.safetensors"))
@@ -171,6 +185,22 @@ def restore(model, opt, args) -> tuple[int, float]:
     return saved["step"], saved["lambda_now"]
 
 
+def measured_router_loss(model, token_loss, at, targets, price: float, flips: int, g: torch.Generator, autocast):
+    """Flip `flips` blocks (a fresh draw each micro-batch), measure what closing each costs every row,
+    and return the routers' classification loss against the price and the costs (B, flips)."""
+    blocks = torch.randperm(len(model.routers), generator=g)[:flips].tolist()
+    now = lr.row_means(token_loss, at)  # (B,) mean nats/token under the gates actually used
+    loss, costs = 0.0, []
+    for k in blocks:
+        with autocast:  # the rerun in the training pass's precision; the loss below stays float32
+            flipped = model.flip_losses(k, at, targets)
+        open_now = model.last_gates[:, k] > 0
+        cost = torch.where(open_now, flipped - now, now - flipped)  # closed minus open, per row
+        loss = loss + lr.measured_gate_loss(model.last_scores[:, k], cost, price)
+        costs.append(cost)
+    return loss, torch.stack(costs, 1)
+
+
 def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute:
     """The training loop. stop_at ends early after that step, as an interruption would (tests)."""
     model, dtype = build(args)
@@ -181,14 +211,19 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
         return model
     os.makedirs(args.out, exist_ok=True)
     opt = make_optimizer(model, args)
-    step, lam = restore(model, opt, args) if args.resume else (0, args.gate_lambda)
+    measured = args.gate_grad == "measured"
+    model.straight_through = not measured
+    model.block_inputs = [] if measured else None
+    # lam: the regulariser's weight (ste) or the price of a kept block in nats/token (measured)
+    step, lam = restore(model, opt, args) if args.resume else (0, args.price if measured else args.gate_lambda)
     batches = training_batches(args, model, start=step * args.grad_accum)
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     model.train()
-    t_last, tokens, skips = time.time(), 0, {}
+    t_last, tokens, skips, costs = time.time(), 0, {}, {}
     while step < args.steps:
         torch.manual_seed(args.seed * 1_000_003 + step)  # dropout masks depend on the step alone
+        flip_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # so do the flipped blocks
         micro = [next(batches) for _ in range(args.grad_accum)]
         n_target = sum(b.n_target for b in micro)  # the loss is per target token of the whole step
         lm_sum = gate_sum = 0.0
@@ -200,8 +235,17 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             at = F.pad(labels[:, 1:] != -100, (0, 1))
             with autocast:
                 logits = model(ids, b.prompt_lens.to(args.device), logits_at=at)
-            lm = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="sum") / n_target
-            gate = lam * lr.gate_loss(model.last_scores) / args.grad_accum
+            targets = labels[:, 1:][at[:, :-1]]
+            token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+            lm = token_loss.sum() / n_target
+            if measured:
+                gate, cost = measured_router_loss(model, token_loss.detach(), at, targets, lam, args.flips, flip_rng,
+                                                  autocast)
+                gate = gate / args.grad_accum
+                for kind, c in zip(b.kinds, (cost < lam).float().tolist()):
+                    costs.setdefault(kind, []).extend(c)
+            else:
+                gate = lam * lr.gate_loss(model.last_scores) / args.grad_accum
             (lm + gate).backward()
             lm_sum, gate_sum = lm_sum + lm.item(), gate_sum + gate.item()
             tokens += int(b.ids.numel())
@@ -219,14 +263,17 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
         if step % args.log_every == 0 or step == args.steps:
             dt, t_last = time.time() - t_last, time.time()
             rec = {"step": step, "loss": lm_sum, "gate_loss": gate_sum, "lambda": lam, "lr": opt.param_groups[0]["lr"],
-                   "tok_per_s": tokens / dt, **{f"skip_{k}": 100 * sum(v) / len(v) for k, v in sorted(skips.items())}}
+                   "tok_per_s": tokens / dt, **{f"skip_{k}": 100 * sum(v) / len(v) for k, v in sorted(skips.items())},
+                   **{f"cheap_{k}": 100 * sum(v) / len(v) for k, v in sorted(costs.items())}}
             eta = (args.steps - step) * dt / args.log_every
+            cheap = " | flips cheaper than the price % " + " ".join(
+                f"{k} {rec['cheap_' + k]:.0f}" for k in sorted(costs)) if costs else ""
             print(f"step {step}/{args.steps} | lm {lm_sum:.4f} | gate {gate_sum:.4f} | skip % " +
-                  " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in sorted(skips)) +
+                  " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in sorted(skips)) + cheap +
                   f" | {rec['tok_per_s']:,.0f} tok/s | eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            tokens, skips = 0, {}
+            tokens, skips, costs = 0, {}, {}
         if step % args.save_every == 0 or step == args.steps:
             save(model, opt, args, step, counts, lam)
         if stop_at is not None and step >= stop_at:

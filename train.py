@@ -1,4 +1,5 @@
-"""Train LayerRoute (LoRA + routers) on a frozen Qwen2: the paper's setup by default.
+"""Train LayerRoute (LoRA + routers) on a frozen Qwen2: the paper's setup by default (model, data, LoRA,
+schedule), except that routers learn from measured costs; --gate-grad ste is the paper's gradient.
 
     python train.py --steps 3000                          # Qwen2.5-0.5B-Instruct, the four datasets
     python train.py --model DIR --data-dir ../shared/data --device cpu --steps 300 --max-len 256
@@ -27,7 +28,7 @@ import qwen
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train LayerRoute: LoRA + straight-through routers on a frozen Qwen2.")
+    p = argparse.ArgumentParser(description="Train LayerRoute: LoRA + per-block routers on a frozen Qwen2.")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or checkpoint folder")
     p.add_argument("--random-init", metavar="CONFIG.json", help="random weights of this config's exact shapes "
                    "and synthetic batches (timing with no download)")
@@ -47,19 +48,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "where a router is updated only on the micro-batches that flip its block)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (oldest prompt tokens cut)")
-    p.add_argument("--gate-grad", choices=["ste", "measured"], default="ste", help="ste: the paper's "
-                   "straight-through gradient with the regulariser lambda * mean(sigmoid); measured: each "
-                   "micro-batch reruns --flips blocks with their gate flipped, and those routers learn from the "
-                   "measured loss difference against --price")
+    p.add_argument("--gate-grad", choices=["ste", "measured"], default="measured", help="measured (default): "
+                   "each micro-batch reruns --flips blocks with their gate flipped, and those routers learn from "
+                   "the measured loss difference against --price; ste: the paper's straight-through gradient with "
+                   "the regulariser lambda * mean(sigmoid) (README: 'How the defaults were chosen')")
     p.add_argument("--flips", type=int, default=2, help="measured: blocks flipped per micro-batch (each costs "
                    "a forward pass from that block on, without gradient)")
     p.add_argument("--price", type=float, default=0.03, help="measured: skip a block where skipping it costs "
                    "less than this many nats per target token")
-    p.add_argument("--gate-lambda", type=float, default=1.0, help="weight of the gate regulariser mean(sigmoid)")
+    p.add_argument("--gate-lambda", type=float, default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
     p.add_argument("--skip-target", type=float, help="a share of blocks to skip over training (e.g. 0.25): "
-                   "lambda then follows dual ascent, the same for every step type, so the LM loss alone "
-                   "decides which inputs skip; unset = fixed --gate-lambda (the paper)")
-    p.add_argument("--lambda-rate", type=float, default=0.2, help="dual-ascent rate: per step, lambda *= "
+                   "lambda (ste) or the price (measured) then follows dual ascent, the same for every step type, "
+                   "so the LM loss alone decides which inputs skip; unset = fixed --gate-lambda / --price")
+    p.add_argument("--lambda-rate", type=float, default=0.2, help="dual-ascent rate: per step, lambda (or price) *= "
                    "exp(rate * (skip target - skipped share))")
     p.add_argument("--router-bias", type=float, help="initial router bias of every layer; weights start at 0, "
                    "so every gate is open at step 0 (default: 1.0 with ste, sigmoid 0.73; 0.3 with measured, "

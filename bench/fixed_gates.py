@@ -103,7 +103,7 @@ def main():
     p.add_argument("--gen-n", type=int, default=20, help="steps of --kind to generate for exact match (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ours, rest = p.parse_known_args()
-    args = train.parse_args(rest)
+    args = train.parse_args(["--gate-grad", "ste", *rest])  # fixed gates: no router learns; as measured in README
     torch.set_num_threads(ours.threads)
     skip = {int(x) for x in ours.skip.split(",") if x.strip()}
     if not ours.eval_only:

@@ -536,8 +536,9 @@ def main(argv=None) -> dict:
     report["settings"] = {**{k: v for k, v in vars(args).items() if k != "runs"}, "data_dir": data_dir,
                           "device": f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device,
                           "run": {k: run.get(k) for k in ("model", "seed", "step", "steps", "max_len", "gate_grad",
-                                                          "gate_lambda", "price")}}
-    report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "gates", "scores")} for r in recs]
+                                                          "gate_lambda", "price", "flips")}}
+    report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "n_target", "nll", "gates", "scores")}
+                          for r in recs]
     out = args.out or os.path.join(args.run, "report.json")
     lr.atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1)))
     pngs = plot(report, recs, os.path.splitext(out)[0])

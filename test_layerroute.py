@@ -597,9 +597,19 @@ def train_args(tmp_path, *extra):
 def test_train_steps_zero_prints_counts(tmp_path, capsys):
     train.train(train_args(tmp_path, "--steps", "0", "--out", str(tmp_path / "run")))
     err = capsys.readouterr().err
-    # 2 blocks of 64-wide q/k/v/o: q 8*(64+64) + k 8*(64+32) + v 8*(64+32) + o 8*(64+64) = 3,584 per block
-    assert "lora 7,168" in err and "routers 130" in err and "trainable 7,298" in err
+    # Rank 32, 2 blocks of 64-wide q/k/v/o: q 32*(64+64) + k 32*(64+32) + v 32*(64+32) + o 32*(64+64)
+    # = 14,336 per block; routers 2 * (64 + 1)
+    assert "lora 28,672" in err and "routers 130" in err and "trainable 28,802" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_alpha_follows_the_rank():
+    # The adapter's scale alpha / rank stays the paper's 2 whatever the rank, unless alpha is given.
+    def scale(*argv):
+        args = train.parse_args(list(argv))
+        return args.lora_alpha / args.lora_rank
+    assert scale() == scale("--lora-rank", "8") == 2.0
+    assert scale("--lora-rank", "8", "--lora-alpha", "8") == 1.0
 
 
 @pytest.mark.parametrize("mode", ["measured", "ste"])
@@ -614,7 +624,7 @@ def test_train_lowers_the_loss(tmp_path, mode):
     run = json.loads((out / "run.json").read_text())
     assert run["step"] == 30 and run["model"] == str(tmp_path / "model")
     model, _, _ = lr.load_run(str(out))  # eval needs nothing but the folder
-    assert model.counts()["trainable"] == 7_298
+    assert model.counts()["trainable"] == 28_802
 
 
 @pytest.mark.parametrize("price,init,skipped,dtype", [(100.0, "neutral", 100.0, "float32"),

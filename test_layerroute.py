@@ -612,6 +612,15 @@ def test_lora_alpha_follows_the_rank():
     assert scale("--lora-rank", "8", "--lora-alpha", "8") == 1.0
 
 
+def test_default_flips_measure_each_router_about_60_times():
+    # The CPU budget: 30 layers, 300 micro-batches: 60 * 30 / 300 = 6 flips, 6 * 300 / 30 = 60 each.
+    assert train.default_flips(30, 300) == 6
+    # The paper's scale: 24 layers, 3,000 steps x 4: 0.12 rounds up to 1, the floor is 2 (1,000 each).
+    assert train.default_flips(24, 12_000) == 2
+    assert train.default_flips(2, 10) == 2  # never more blocks than the model has
+    assert train.default_flips(30, 301) == 6 and train.default_flips(30, 299) == 7  # rounded up, never under 60
+
+
 @pytest.mark.parametrize("mode", ["measured", "ste"])
 def test_train_lowers_the_loss(tmp_path, mode):
     out = tmp_path / "run"
@@ -623,6 +632,7 @@ def test_train_lowers_the_loss(tmp_path, mode):
     assert last < first - 0.2, (first, last)  # starts near ln(300) = 5.70 nats, a uniform guess
     run = json.loads((out / "run.json").read_text())
     assert run["step"] == 30 and run["model"] == str(tmp_path / "model")
+    assert run["flips"] == 2  # the default, recorded as used: both blocks of this 2-layer model
     model, _, _ = lr.load_run(str(out))  # eval needs nothing but the folder
     assert model.counts()["trainable"] == 28_802
 

@@ -53,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "each micro-batch reruns --flips blocks with their gate flipped, and those routers learn from "
                    "the measured loss difference against --price; ste: the paper's straight-through gradient with "
                    "the regulariser lambda * mean(sigmoid) (README: 'How the defaults were chosen')")
-    p.add_argument("--flips", type=int, default=2, help="measured: blocks flipped per micro-batch (each costs "
-                   "a forward pass from that block on, without gradient)")
+    p.add_argument("--flips", type=int, help="measured: blocks flipped per micro-batch (each costs a forward "
+                   "pass from that block on, without gradient); default: enough to measure each router about 60 "
+                   "times in the run, at least 2 (6 on 30 layers x 300 micro-batches, 2 at the paper's scale)")
     p.add_argument("--price", type=float, default=0.03, help="measured: skip a block where skipping it costs "
                    "less than this many nats per target token")
     p.add_argument("--gate-lambda", type=float, default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
@@ -191,6 +192,13 @@ def restore(model, opt, args) -> tuple[int, float]:
     return saved["step"], saved["lambda_now"]
 
 
+def default_flips(layers: int, micro_batches: int, measurements: int = 60) -> int:
+    """Blocks to flip per micro-batch so that each router is measured about `measurements` times over the
+    run. Two measured each router ~20 times in 300 steps, too few to settle (README: "How the defaults were
+    chosen"); at the paper's 3,000 x 4 micro-batches two already measure each ~1,000 times."""
+    return min(layers, max(2, math.ceil(measurements * layers / micro_batches)))
+
+
 def measured_router_loss(model, token_loss, at, targets, price: float, flips: int, g: torch.Generator, autocast):
     """Flip `flips` blocks (a fresh draw each micro-batch), measure what closing each costs every row,
     and return the routers' classification loss against the price and the costs (B, flips)."""
@@ -220,6 +228,11 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
     os.makedirs(args.out, exist_ok=True)
     opt = make_optimizer(model, args)
     measured = args.gate_grad == "measured"
+    if args.flips is None:
+        args.flips = default_flips(len(model.routers), args.steps * args.grad_accum)
+    if measured:
+        print(f"measured costs: {args.flips} blocks flipped per micro-batch, each router measured about "
+              f"{args.flips * args.steps * args.grad_accum / len(model.routers):,.0f} times", file=sys.stderr)
     model.straight_through = not measured
     model.block_inputs = [] if measured else None
     # lam: the regulariser's weight (ste) or the price of a kept block in nats/token (measured)

@@ -228,9 +228,9 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
     os.makedirs(args.out, exist_ok=True)
     opt = make_optimizer(model, args)
     measured = args.gate_grad == "measured"
-    if args.flips is None:
-        args.flips = default_flips(len(model.routers), args.steps * args.grad_accum)
     if measured:
+        if args.flips is None:
+            args.flips = default_flips(len(model.routers), args.steps * args.grad_accum)
         print(f"measured costs: {args.flips} blocks flipped per micro-batch, each router measured about "
               f"{args.flips * args.steps * args.grad_accum / len(model.routers):,.0f} times", file=sys.stderr)
     model.straight_through = not measured

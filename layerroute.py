@@ -1,4 +1,4 @@
-"""LayerRoute on a frozen Qwen2: LoRA on q/k/v/o plus one router (a hard gate) per block.
+"""LayerRoute on a frozen Qwen2: LoRA (q/k/v/o, or every Linear) plus one router (a hard gate) per block.
 
 A sequence's gates are decided once, from its prompt (every token before the first target token):
 at block i the router reads the mean of `input_layernorm(h)` over the prompt's real tokens, the
@@ -59,6 +59,11 @@ class LoRALinear(nn.Module):
         self.enabled = False
 
 
+# Which Linear layers of a block get an adapter: the paper's attention projections, or every one.
+ATTN = ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
+LORA_TARGETS = {"attn": [ATTN], "all": [ATTN, ("mlp", ("gate_proj", "up_proj", "down_proj"))]}
+
+
 class RoutedCache:
     """The KV cache of routed generation: the gates decided at prefill, and one KVCache per layer
     holding only the rows whose gate is open there (None for a layer every row skips)."""
@@ -73,17 +78,21 @@ class LayerRoute(nn.Module):
     """Wraps a Qwen2: freezes it, adds LoRA and routers, and runs the routed block loop."""
 
     def __init__(self, base: Qwen2, rank: int = 8, alpha: float = 16.0, dropout: float = 0.05,
-                 router_bias: float | list[float] = 1.0, pooling: str = "prompt"):
+                 router_bias: float | list[float] = 1.0, pooling: str = "prompt", targets: str = "attn"):
         super().__init__()
         if pooling not in ("prompt", "reference"):
             raise ValueError(f"pooling={pooling!r}: expected 'prompt' or 'reference'")
+        if targets not in LORA_TARGETS:
+            raise ValueError(f"targets={targets!r}: expected one of {sorted(LORA_TARGETS)}")
         self.base, self.pooling = base, pooling
-        self.settings = dict(rank=rank, alpha=alpha, dropout=dropout, router_bias=router_bias, pooling=pooling)
+        self.settings = dict(rank=rank, alpha=alpha, dropout=dropout, router_bias=router_bias, pooling=pooling,
+                             targets=targets)
         base.requires_grad_(False)
         for block in base.layers:
-            attn = block.self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(attn, name, LoRALinear(getattr(attn, name), rank, alpha, dropout))
+            for part, names in LORA_TARGETS[targets]:
+                module = getattr(block, part)
+                for name in names:
+                    setattr(module, name, LoRALinear(getattr(module, name), rank, alpha, dropout))
         d, L = base.cfg.hidden_size, base.cfg.num_hidden_layers
         dev = base.embed_tokens.weight.device
         self.routers = nn.ModuleList(nn.Linear(d, 1, device=dev) for _ in range(L))

@@ -394,10 +394,17 @@ def test_layerroute_counts_on_qwen25_config():
     assert c["lora"] == 24 * 45_056 == 1_081_344
     assert c["routers"] == 24 * (896 + 1) == 21_528
     assert c["trainable"] == 1_102_872
+    with torch.device("meta"):
+        c = lr.LayerRoute(qwen.Qwen2(cfg), targets="all").counts()
+    # plus the MLP: gate and up 8*(896+4864) each, down 8*(4864+896): 138,240 per block
+    assert c["lora"] == 24 * (45_056 + 138_240) == 4_399_104
+    with pytest.raises(ValueError, match="targets='mlp'"):
+        lr.LayerRoute(qwen.Qwen2(cfg), targets="mlp")
 
 
-def test_layerroute_at_init_with_open_gates_equals_base_exactly(tmp_path):
-    base, model = tiny_routed(tmp_path, router_bias=-3.0)  # routers would close everything...
+@pytest.mark.parametrize("targets", ["attn", "all"])
+def test_layerroute_at_init_with_open_gates_equals_base_exactly(tmp_path, targets):
+    base, model = tiny_routed(tmp_path, router_bias=-3.0, targets=targets)  # routers would close everything...
     model.open_gates = True  # ...but the switch opens every gate without touching them
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():

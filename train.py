@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "closed more tool-call blocks in every seed measured: README, 'The defaults, per seed')")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha, scale = alpha / rank (default: 2 x rank, the "
                    "paper's scale of 16 / 8)")
+    p.add_argument("--lora-targets", choices=["attn", "all"], default="attn", help="attn: q/k/v/o (the "
+                   "paper's); all: the MLP's gate/up/down too (measured, not kept: README, 'How the defaults were chosen')")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
@@ -108,7 +110,8 @@ def build(args: argparse.Namespace):
     L = base.cfg.num_hidden_layers
     bias = args.router_bias if args.router_init == "neutral" else \
         [-args.router_bias if L // 3 <= i < 2 * L // 3 else args.router_bias for i in range(L)]
-    model = lr.LayerRoute(base, args.lora_rank, args.lora_alpha, args.lora_dropout, bias, args.pooling)
+    model = lr.LayerRoute(base, args.lora_rank, args.lora_alpha, args.lora_dropout, bias, args.pooling,
+                          args.lora_targets)
     return model.to(args.device), dtype
 
 

@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "closed more tool-call blocks in every seed measured: README, 'The defaults, per seed')")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha, scale = alpha / rank (default: 2 x rank, the "
                    "paper's scale of 16 / 8)")
-    p.add_argument("--lora-targets", choices=["attn", "all"], default="attn", help="attn: q/k/v/o (the "
+    p.add_argument("--lora-targets", choices=sorted(lr.LORA_TARGETS), default="attn", help="attn: q/k/v/o (the "
                    "paper's); all: the MLP's gate/up/down too (three seeds measured, not the default yet: "
                    "README, 'How the defaults were chosen')")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")

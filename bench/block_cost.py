@@ -103,11 +103,12 @@ def main():
     p.add_argument("--split", default="train", help="train, val, test or all")
     p.add_argument("--n", type=int, default=12, help="steps per type")
     p.add_argument("--max-len", type=int, default=256, help="tokens per step, oldest prompt tokens cut")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     args = p.parse_args()
     if bool(args.model) == bool(args.run):
         p.error("give exactly one of --model and --run")
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.run:
         model, tok = lora_only(args.run)
     else:

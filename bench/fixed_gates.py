@@ -101,10 +101,11 @@ def main():
     p.add_argument("--eval-only", action="store_true", help="evaluate the run in --out, do not train")
     p.add_argument("--n", type=int, default=200, help="test steps per type")
     p.add_argument("--gen-n", type=int, default=20, help="steps of --kind to generate for exact match (0: none)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     ours, rest = p.parse_known_args()
     args = train.parse_args(["--gate-grad", "ste", *rest])  # fixed gates: no router learns; as measured in README
-    torch.set_num_threads(ours.threads)
+    if ours.threads:
+        torch.set_num_threads(ours.threads)
     skip = {int(x) for x in ours.skip.split(",") if x.strip()}
     if not ours.eval_only:
         with fixed_gates(skip, ours.kind):

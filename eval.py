@@ -8,9 +8,11 @@ Per step type (tool_call, planning, and reply when the data has it), from one te
 per model: blocks and FLOPs skipped, target-token perplexity of the frozen base, of LoRA with every
 gate open and of LayerRoute (LoRA + routing), per-layer skip rates; from greedy generation, task
 accuracy of the same three; from timed KV-cached decoding at batch 1, ms per token with routing and
-with every block on. Across types: the skip differential (tool - planning) with a bootstrap CI, the
-same on length-matched pairs and against tool-call prompts cut to the planning prompts' lengths,
-and the correlation of the gate score with prompt length.
+with every block on; what routing costs, and how well that is known: the routed / LoRA-only
+perplexity ratio with a bootstrap CI over steps, and the answers routing broke and fixed (paired,
+McNemar; --runs pools them over seeds). Across types: the skip differential (tool - planning) with
+a bootstrap CI, the same on length-matched pairs and against tool-call prompts cut to the planning
+prompts' lengths, and the correlation of the gate score with prompt length.
 The three models are one LayerRoute object under its two switches (MODES): they share every line
 of code except the switch, so a difference between them is the switch's.
 """
@@ -99,7 +101,7 @@ def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[in
     return out
 
 
-def type_summary(cfg: qwen.QwenConfig, recs: list[dict]) -> dict:
+def type_summary(cfg: qwen.QwenConfig, recs: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """Skip rates, FLOPs and perplexities of one step type from its teacher_forced records."""
     closed = 1 - np.array([r["gates"] for r in recs])  # (n, L)
     tokens = sum(r["n_target"] for r in recs)
@@ -111,6 +113,7 @@ def type_summary(cfg: qwen.QwenConfig, recs: list[dict]) -> dict:
             "ppl_base": ppl["base"], "ppl_lora": ppl["lora"], "ppl_routed": ppl["routed"],
             "ppl_routed_minus_base": ppl["routed"] - ppl["base"],  # the paper's kind of delta...
             "ppl_routed_minus_lora": ppl["routed"] - ppl["lora"],  # ...and the cost of skipping itself
+            "ppl_routed_vs_lora": ppl["routed"] / ppl["lora"], "ppl_routed_vs_lora_ci95": ratio_ci(recs, n_boot, seed),
             "per_layer_skip_pct": (100 * closed.mean(0)).tolist()}
 
 
@@ -180,6 +183,25 @@ def across_types(recs: list[dict], n_boot: int, width: int, seed: int) -> dict:
         out["cut_matched"] = paired([skip({"gates": r["cut_gates"]}) - skip(r) for r in plan if "cut_gates" in r],
                                     n_boot, seed)
     return out
+
+
+def ratio_ci(recs: list[dict], n_boot: int, seed: int) -> list[float]:
+    """95% percentile interval of one type's routed / LoRA-only perplexity, resampling its steps with
+    replacement (each keeps its own two NLLs and token count). At 11 tool-call steps it says whether
+    a ratio is known to within 5% at all."""
+    rng = np.random.default_rng(seed)
+    d = np.array([r["nll"]["routed"] - r["nll"]["lora"] for r in recs])
+    n = np.array([r["n_target"] for r in recs])
+    idx = rng.integers(0, len(recs), (n_boot, len(recs)))
+    return [float(x) for x in np.percentile(np.exp(d[idx].sum(1) / n[idx].sum(1)), [2.5, 97.5])]
+
+
+def mcnemar_p(lost: int, gained: int) -> float:
+    """Exact two-sided McNemar test on paired right/wrong answers: the chance of a split of the
+    changed answers at least this uneven if routing were as likely to fix an answer as to break it."""
+    n = lost + gained
+    tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def paired(d: list[float], n_boot: int, seed: int) -> dict:
@@ -273,15 +295,19 @@ def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, o
     fraction correct per mode (with n), and the generated texts for inspection."""
     stop = qwen.stop_ids(model.base.cfg, tok)
     dev = model.base.embed_tokens.weight.device
-    acc, texts = {"n": len(items)}, [{} for _ in items]
+    acc, texts, right = {"n": len(items)}, [{} for _ in items], {}
     for name in MODES:
         with mode(model, name):
-            right = 0
+            right[name] = []
             for j, (p, kind, answer) in enumerate(items):
                 new = qwen.generate(model, torch.tensor([p], device=dev), max_new_tokens, stop)[0]
                 texts[j][name] = tok.decode(new, skip_special_tokens=False)
-                right += answer_correct(kind, texts[j][name], answer)
-        acc[name] = right / len(items) if items else None
+                right[name].append(answer_correct(kind, texts[j][name], answer))
+        acc[name] = sum(right[name]) / len(items) if items else None
+    # Paired: the same steps under both models, so what counts is which answers routing changed.
+    acc["lost"] = sum(a and not b for a, b in zip(right["lora"], right["routed"]))
+    acc["gained"] = sum(b and not a for a, b in zip(right["lora"], right["routed"]))
+    acc["mcnemar_p"] = mcnemar_p(acc["lost"], acc["gained"])
     return acc, texts
 
 
@@ -359,7 +385,7 @@ def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], arg
         cut_tool_gates(model, recs, [p for p, _ in enc.get("tool_call", [])], args.batch_size, pad)
     report = {"types": {}, "latency": {}, "generations": {}}
     for kind in by_kind:
-        report["types"][kind] = type_summary(cfg, [r for r in recs if r["kind"] == kind])
+        report["types"][kind] = type_summary(cfg, [r for r in recs if r["kind"] == kind], args.bootstrap, args.seed)
         # Generation: the first gen_n steps whose answer can be scored (replies and free text cannot).
         scored = [(p, s) for (p, _), s in zip(enc[kind], by_kind[kind])
                   if answer_correct(kind, "", s.answer) is not None][:args.gen_n]
@@ -395,6 +421,14 @@ def print_table(report: dict, out=None):
               f"{fmt(a.get('base')):>10}{fmt(a.get('lora')):>6}{fmt(a.get('routed')):>7}{fmt(a.get('n'), 'd'):>8}"
               f"{fmt(lat.get('ms_per_token_full'), '.1f'):>13}{fmt(lat.get('ms_per_token_routed'), '.1f'):>8}"
               f"{fmt(lat.get('speedup'), '.3f'):>9}{fmt(lat.get('ideal_speedup'), '.3f'):>7}", file=out)
+    for kind, t in report["types"].items():  # what routing costs each type, and how well that is known
+        lo, hi = t["ppl_routed_vs_lora_ci95"]
+        line = f"{kind}: routed / LoRA-only perplexity x{t['ppl_routed_vs_lora']:.3f}, 95% CI [{lo:.3f}, {hi:.3f}]"
+        if "lost" in t.get("task_accuracy", {}):
+            a = t["task_accuracy"]
+            line += (f"; of {a['n']} answers routing broke {a['lost']}, fixed {a['gained']}"
+                     f" (McNemar p {a['mcnemar_p']:.3f})")
+        print(line, file=out)
     for key, label in (("differential", "skip differential (tool - planning, blocks)"),
                        ("length_matched", "length-matched ({pairs} pairs, bins of {bin_width} prompt tokens)"),
                        ("cut_matched", "cut-matched (tool prompts cut to each planning prompt's length, {pairs} pairs)")):
@@ -465,10 +499,20 @@ def aggregate(reports: list[dict]) -> dict:
     for k in keys:
         v = np.array([f[k] for f in flats if k in f])
         stats[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+    pooled = {}  # answers broken / fixed by routing, summed over runs: one test where each run has few steps
+    for r in reports:
+        for kind, t in r["types"].items():
+            if "lost" in t.get("task_accuracy", {}):
+                p = pooled.setdefault(kind, {"runs": 0, "n": 0, "lost": 0, "gained": 0})
+                for k in ("n", "lost", "gained"):
+                    p[k] += t["task_accuracy"][k]
+                p["runs"] += 1
+    for p in pooled.values():
+        p["mcnemar_p"] = mcnemar_p(p["lost"], p["gained"])
     positive = lambda sec: sum(bool(r.get(sec) and (r[sec]["points"] or 0) > 0) for r in reports)  # noqa: E731
     return {"runs": len(reports), "differential_positive": positive("differential"),
             "length_matched_positive": positive("length_matched"), "cut_matched_positive": positive("cut_matched"),
-            "stats": stats}
+            "answers_pooled": pooled, "stats": stats}
 
 
 def read_report(run: str) -> dict:
@@ -516,6 +560,9 @@ def main(argv=None) -> dict:
         lr.atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(agg, indent=1)))
         print(f"{agg['runs']} runs; differential > 0 in {agg['differential_positive']}, "
               f"length-matched > 0 in {agg['length_matched_positive']}, cut-matched > 0 in {agg['cut_matched_positive']}")
+        for kind, p in agg["answers_pooled"].items():
+            print(f"  {kind}: over {p['runs']} runs, of {p['n']} answers routing broke {p['lost']}, "
+                  f"fixed {p['gained']} (McNemar p {p['mcnemar_p']:.4f})")
         for k, s in agg["stats"].items():
             if "per_layer" not in k:
                 print(f"  {k:50} {s['mean']:10.4f} +- {s['std']:.4f}  (n={s['n']})")

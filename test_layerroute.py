@@ -5,6 +5,7 @@ here in the official layout; data fixtures are written here in each source's nat
 Nothing is downloaded. Run: python -m pytest -q test_layerroute.py
 """
 import json
+import math
 import os
 
 import pytest
@@ -755,6 +756,24 @@ def test_eval_skips_and_perplexities_match_a_direct_computation(tmp_path, one_th
     assert tool["blocks_skipped_pct"] == 50.0 and tool["per_layer_skip_pct"] == [0.0, 100.0, 0.0, 100.0]
     assert tool["flops_skipped_pct"] == pytest.approx(
         (ev.flops_skipped_pct(model.base.cfg, [1, 0, 1, 0], 9) + ev.flops_skipped_pct(model.base.cfg, [1, 0, 1, 0], 10)) / 2)
+    ref_ratio = math.exp(sum(nll(merged, p, t, [0, 2]) - nll(merged, p, t, range(4))
+                             for p, t, k in examples if k == "tool_call") / 10)
+    assert tool["ppl_routed_vs_lora"] == pytest.approx(ref_ratio, rel=1e-4)
+
+
+def test_eval_perplexity_ratio_ci_resamples_whole_steps():
+    # Every step pays the same nats per token: every resample gives exactly that ratio.
+    same = [{"nll": {"lora": 2.0 * n, "routed": 2.1 * n}, "n_target": n} for n in (3, 40, 7)]
+    assert ev.ratio_ci(same, 200, 0) == pytest.approx([math.exp(0.1)] * 2)
+    # Two steps, 1 token each, ratios e^0 and e^1: a resample is both, or either one twice.
+    two = [{"nll": {"lora": 1.0, "routed": 1.0}, "n_target": 1}, {"nll": {"lora": 1.0, "routed": 2.0}, "n_target": 1}]
+    assert ev.ratio_ci(two, 2000, 0) == pytest.approx([1.0, math.e])
+
+
+def test_eval_mcnemar_by_hand():
+    assert ev.mcnemar_p(4, 0) == 2 / 2 ** 4 and ev.mcnemar_p(0, 6) == 2 / 2 ** 6
+    assert ev.mcnemar_p(5, 3) == 2 * (1 + 8 + 28 + 56) / 2 ** 8  # C(8, k) for k <= 3
+    assert ev.mcnemar_p(1, 1) == 1.0 and ev.mcnemar_p(0, 0) == 1.0
 
 
 def test_eval_differential_and_length_matched_pairs_by_hand():
@@ -816,7 +835,7 @@ def test_eval_task_answers_scored_as_specified():
 def test_eval_aggregate_two_reports(tmp_path):
     def report(skip, diff, lm):
         return {"types": {"tool_call": {"n": 10, "blocks_skipped_pct": skip, "per_layer_skip_pct": [skip, 0.0],
-                                        "task_accuracy": {"base": 0.5, "lora": None}}},
+                                        "task_accuracy": {"base": 0.5, "lora": None, "n": 10, "lost": 3, "gained": 1}}},
                 "differential": {"points": diff, "ci95": [diff - 1, diff + 1]},
                 "length_matched": {"points": lm, "ci95": None, "pairs": 0}, "settings": {"n": 99},
                 "examples": [{"prompt_len": 5}]}
@@ -830,6 +849,8 @@ def test_eval_aggregate_two_reports(tmp_path):
     assert s["differential.ci95.1"]["mean"] == 3.0 and s["length_matched.points"] == {"mean": 2.0, "std": 0.0, "n": 1}
     assert "settings.n" not in s and "examples.0.prompt_len" not in s and "types.tool_call.task_accuracy.lora" not in s
     assert agg["differential_positive"] == 1 and agg["length_matched_positive"] == 1
+    assert agg["answers_pooled"]["tool_call"] == {"runs": 2, "n": 20, "lost": 6, "gained": 2,
+                                                  "mcnemar_p": ev.mcnemar_p(6, 2)}
     assert json.loads((tmp_path / "aggregate.json").read_text())["runs"] == 2
     with pytest.raises(FileNotFoundError, match="eval.py --run .*s2"):
         ev.main(["--runs", str(tmp_path / "s0"), str(tmp_path / "s2")])
@@ -848,7 +869,9 @@ def test_eval_cli_end_to_end(tmp_path, capsys, one_thread):
         assert 0 <= t["blocks_skipped_pct"] <= 100 and t["ppl_base"] > 1
     acc = rep["types"]["tool_call"]["task_accuracy"]
     assert acc["n"] == 2 and all(0 <= acc[m] <= 1 for m in ("base", "lora", "routed"))
+    assert acc["lost"] - acc["gained"] == round(2 * (acc["lora"] - acc["routed"])) and acc["lost"] + acc["gained"] <= 2
     assert rep["latency"]["planning"]["ms_per_token_full"] > 0 and rep["differential"]["ci95"] is not None
     assert (tmp_path / "run" / "report_per_layer.png").exists() and (tmp_path / "run" / "report_gate_vs_length.png").exists()
-    assert "skip differential" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skip differential" in printed and "tool_call: routed / LoRA-only perplexity x" in printed
 # ---- end eval ----

@@ -424,8 +424,8 @@ def print_table(report: dict, out=None):
     for kind, t in report["types"].items():  # what routing costs each type, and how well that is known
         lo, hi = t["ppl_routed_vs_lora_ci95"]
         line = f"{kind}: routed / LoRA-only perplexity x{t['ppl_routed_vs_lora']:.3f}, 95% CI [{lo:.3f}, {hi:.3f}]"
-        if "lost" in t.get("task_accuracy", {}):
-            a = t["task_accuracy"]
+        a = t.get("task_accuracy")
+        if a:
             line += (f"; of {a['n']} answers routing broke {a['lost']}, fixed {a['gained']}"
                      f" (McNemar p {a['mcnemar_p']:.3f})")
         print(line, file=out)

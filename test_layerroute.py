@@ -606,8 +606,8 @@ def test_train_steps_zero_prints_counts(tmp_path, capsys):
     train.train(train_args(tmp_path, "--steps", "0", "--out", str(tmp_path / "run")))
     err = capsys.readouterr().err
     # Rank 32, 2 blocks of 64-wide q/k/v/o: q 32*(64+64) + k 32*(64+32) + v 32*(64+32) + o 32*(64+64)
-    # = 14,336 per block; routers 2 * (64 + 1)
-    assert "lora 28,672" in err and "routers 130" in err and "trainable 28,802" in err
+    # = 14,336, plus the MLP (96 wide): gate, up, down 3 * 32*(64+96) = 15,360 per block; routers 2 * (64 + 1)
+    assert "lora 59,392" in err and "routers 130" in err and "trainable 59,522" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -643,7 +643,7 @@ def test_train_lowers_the_loss(tmp_path, mode):
     # the default, recorded as used: both blocks of this 2-layer model; straight-through flips none
     assert run["flips"] == (2 if mode == "measured" else None)
     model, _, _ = lr.load_run(str(out))  # eval needs nothing but the folder
-    assert model.counts()["trainable"] == 28_802
+    assert model.counts()["trainable"] == 59_522  # q/k/v/o and MLP LoRA plus routers, as counted above
 
 
 @pytest.mark.parametrize("price,init,skipped,dtype", [(100.0, "neutral", 100.0, "float32"),

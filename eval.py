@@ -416,8 +416,9 @@ def print_table(report: dict, out=None):
     for kind, t in report["types"].items():
         a = t.get("task_accuracy", {})
         lat = report["latency"].get(kind, {})
+        # the perplexities are spaced apart: an untrained model's have six digits
         print(f"{kind:10}{t['n']:>6}{t['blocks_skipped_pct']:>9.2f}{t['flops_skipped_pct']:>8.2f}"
-              f" {t['ppl_base']:>9.3f} {t['ppl_lora']:>7.3f} {t['ppl_routed']:>7.3f}"  # spaced: untrained, ppl has 6 digits
+              f" {t['ppl_base']:>9.3f} {t['ppl_lora']:>7.3f} {t['ppl_routed']:>7.3f}"
               f"{fmt(a.get('base')):>10}{fmt(a.get('lora')):>6}{fmt(a.get('routed')):>7}{fmt(a.get('n'), 'd'):>8}"
               f"{fmt(lat.get('ms_per_token_full'), '.1f'):>13}{fmt(lat.get('ms_per_token_routed'), '.1f'):>8}"
               f"{fmt(lat.get('speedup'), '.3f'):>9}{fmt(lat.get('ideal_speedup'), '.3f'):>7}", file=out)

@@ -532,7 +532,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument("--run", help="a run folder written by train.py")
     which.add_argument("--runs", nargs="+", help="several run folders (seeds), each with report.json: aggregate them")
     p.add_argument("--data-dir", help="data to evaluate on (default: the run's own --data-dir)")
-    p.add_argument("--split", default="test", choices=["test", "val", "all"], help="'all': every step (held-out collections)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"], help="'all': every step "
+                   "(held-out collections); train: rows LoRA trained on, to see what fitting them hides")
     p.add_argument("--n", type=int, help="at most this many steps per type (default: all of the split)")
     p.add_argument("--gen-n", type=int, default=20, help="steps per type to generate for task accuracy "
                    "(0: none; generation is most of the time on a CPU)")

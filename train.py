@@ -56,9 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--flips", type=int, help="measured: blocks flipped per micro-batch (each costs a forward "
                    "pass from that block on, without gradient); default: enough to measure each router about 60 "
                    "times in the run, at least 2 (6 on 30 layers x 300 micro-batches, 2 at the paper's scale)")
-    p.add_argument("--router-rows", choices=["train", "val"], default="train", help="measured: the rows whose "
-                   "costs teach the routers. val: the val split's, which LoRA never trains on (on rows it trains on, "
-                   "LoRA learns to do without the closed blocks, so their costs understate an unseen input's)")
     p.add_argument("--price", type=float, default=0.02, help="measured: skip a block where skipping it costs "
                    "less than this many nats per target token (0.02 with --lora-targets all: README, 'The defaults')")
     p.add_argument("--gate-lambda", type=float, default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
@@ -120,29 +117,26 @@ def build(args: argparse.Namespace):
     return model.to(args.device), dtype
 
 
-def training_batches(args, model, start: int, split: str = "train"):
-    """An endless, deterministic stream of micro-batches of a split, beginning at micro-batch `start`."""
+def training_batches(args, model, start: int):
+    """An endless, deterministic stream of micro-batches, beginning at micro-batch `start`."""
     import data
     if args.random_init:  # synthetic: full-length rows, half prompt, half target
-        return synthetic_batches(args, model.base.cfg.vocab_size, start, seed=args.seed + (split != "train"))
+        return synthetic_batches(args, model.base.cfg.vocab_size, start)
     tok = qwen.load_tokenizer(args.model)
     steps, summary = data.load_steps(args.data_dir)
-    rows = [s for s in steps if s.split == split]
-    if not rows:
-        raise ValueError(f"no {split} steps in {args.data_dir or 'the downloaded data'}"
-                         + (" (--router-rows val teaches the routers on them)" if split == "val" else ""))
-    print(f"data: {len(rows)} {split} steps, " + ", ".join(f"{k} {v}" for k, v in summary["steps"].items()),
+    train = [s for s in steps if s.split == "train"]
+    print(f"data: {len(train)} training steps, " + ", ".join(f"{k} {v}" for k, v in summary["steps"].items()),
           file=sys.stderr)
-    encoded = data.encode_all(rows, tok)
+    encoded = data.encode_all(train, tok)
     pad = tok.token_to_id("<|endoftext|>") or 0
     frac = None if args.tool_fraction < 0 else args.tool_fraction
     pad_to = args.max_len if args.pooling == "reference" else None
     return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start, pad_to=pad_to)
 
 
-def synthetic_batches(args, vocab: int, start: int, seed: int):
+def synthetic_batches(args, vocab: int, start: int):
     import data
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(args.seed)
     kinds = ["tool_call", "planning"]
     i = 0
     while True:
@@ -189,9 +183,8 @@ def restore(model, opt, args) -> tuple[int, float]:
     """Load adapters and optimiser moments from args.out; return the step to continue from and lambda."""
     with open(os.path.join(args.out, "run.json")) as f:
         saved = json.load(f)
-    saved.setdefault("router_rows", "train")  # runs saved before the option
     for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init", "skip_target",
-              "gate_grad", "router_rows"):
+              "gate_grad"):
         if saved.get(k) != getattr(args, k):
             raise ValueError(f"--resume: {k}={getattr(args, k)!r} but the run in {args.out} used {saved.get(k)!r}")
     lr.load_adapters(model, os.path.join(args.out, "adapters.safetensors"))
@@ -229,19 +222,6 @@ def measured_router_loss(model, token_loss, at, targets, price: float, flips: in
     return loss, torch.stack(costs, 1)
 
 
-def unseen_rows_loss(model, b, price: float, args, g: torch.Generator, autocast):
-    """measured_router_loss on a micro-batch LoRA does not train on: a forward without gradient,
-    then the routers' scores again from the kept block inputs, with gradient (their input is detached)."""
-    ids, labels, lens = b.ids.to(args.device), b.labels.to(args.device), b.prompt_lens.to(args.device)
-    at = F.pad(labels[:, 1:] != -100, (0, 1))
-    with torch.no_grad(), autocast:
-        logits = model(ids, lens, logits_at=at)
-    targets = labels[:, 1:][at[:, :-1]]
-    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-    model.last_scores = torch.stack([model.route(i, h, lens) for i, h in enumerate(model.block_inputs)], 1)
-    return measured_router_loss(model, token_loss, at, targets, price, args.flips, g, autocast)
-
-
 def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute:
     """The training loop. stop_at ends early after that step, as an interruption would (tests)."""
     model, dtype = build(args)
@@ -263,8 +243,6 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
     # lam: the regulariser's weight (ste) or the price of a kept block in nats/token (measured)
     step, lam = restore(model, opt, args) if args.resume else (0, args.price if measured else args.gate_lambda)
     batches = training_batches(args, model, start=step * args.grad_accum)
-    unseen = training_batches(args, model, step * args.grad_accum, "val") if measured and args.router_rows == "val" \
-        else None
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     model.train()
@@ -286,22 +264,18 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             targets = labels[:, 1:][at[:, :-1]]
             token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
             lm = token_loss.sum() / n_target
-            closed_now += (1 - model.last_gates).mean(1).tolist()
-            if not measured:
-                gate = lam * lr.gate_loss(model.last_scores) / args.grad_accum
-            else:
-                if unseen is None:
-                    rb, (gate, cost) = b, measured_router_loss(model, token_loss.detach(), at, targets, lam,
-                                                               args.flips, flip_rng, autocast)
-                else:
-                    rb = next(unseen)
-                    gate, cost = unseen_rows_loss(model, rb, lam, args, flip_rng, autocast)
+            if measured:
+                gate, cost = measured_router_loss(model, token_loss.detach(), at, targets, lam, args.flips, flip_rng,
+                                                  autocast)
                 gate = gate / args.grad_accum
-                for kind, c in zip(rb.kinds, (cost < lam).float().tolist()):
+                for kind, c in zip(b.kinds, (cost < lam).float().tolist()):
                     costs.setdefault(kind, []).extend(c)
+            else:
+                gate = lam * lr.gate_loss(model.last_scores) / args.grad_accum
             (lm + gate).backward()
             lm_sum, gate_sum = lm_sum + lm.item(), gate_sum + gate.item()
             tokens += int(b.ids.numel())
+            closed_now += (1 - model.last_gates).mean(1).tolist()
             for kind, closed in zip(b.kinds, closed_now[-len(b.kinds):]):
                 skips.setdefault(kind, []).append(closed)
         torch.nn.utils.clip_grad_norm_(list(model.trainable().values()), args.clip)

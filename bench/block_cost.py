@@ -14,8 +14,13 @@ Oracle costs are measured with the chosen blocks skipped together (not added up)
 relative to the same model with every block on. --run uses a trained run's LoRA (merged, gates
 open, i.e. its LoRA-only model); without it the frozen base model.
 
+--keep-answers K asks what a router that knows only the step type can do for exact match: the one
+set of K blocks, closed for every tool call, that keeps the most greedy answers of --split's tool
+calls (a greedy search), each set then scored on the test split's.
+
     python bench/block_cost.py --model ~/.cache/layerroute/smollm2-135m-qwen2 --data-dir ../shared/data --n 12
     python bench/block_cost.py --run runs/layerroute --data-dir ../shared/data --split test --n 11
+    python bench/block_cost.py --run runs/layerroute --data-dir ../shared/data --split val --n 16 --keep-answers 8
 """
 import argparse
 import math
@@ -51,11 +56,15 @@ def embed(model: qwen.Qwen2, prompt: list[int], target: list[int]):
     return h, *model.rope(0, ids.shape[1], ids.device, h.dtype)
 
 
+def target_logits(model: qwen.Qwen2, h: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """Logits predicting the target tokens (the last len(target) tokens) from the final hidden
+    states; the head runs only where it predicts one (position t predicts token t + 1)."""
+    return model.lm_head(model.norm(h[0, -len(target) - 1:-1])).float()
+
+
 def target_nll(model: qwen.Qwen2, h: torch.Tensor, target: list[int]) -> float:
-    """Mean NLL of the target tokens (the last len(target) tokens) from the final hidden states;
-    the head runs only where it predicts one (position t predicts token t + 1)."""
-    logits = model.lm_head(model.norm(h[0, -len(target) - 1:-1]))
-    return F.cross_entropy(logits.float(), torch.tensor(target)).item()
+    """Mean NLL of the target tokens."""
+    return F.cross_entropy(target_logits(model, h, target), torch.tensor(target)).item()
 
 
 @torch.no_grad()
@@ -76,13 +85,54 @@ def skip_costs(model: qwen.Qwen2, prompt: list[int], target: list[int]) -> tuple
 
 
 @torch.no_grad()
-def nll_skipping(model: qwen.Qwen2, prompt: list[int], target: list[int], skip: set[int]) -> float:
-    """Mean target NLL with every block in `skip` passed over at once."""
+def skipping(model: qwen.Qwen2, prompt: list[int], target: list[int], skip: set[int]) -> torch.Tensor:
+    """The final hidden states with every block in `skip` passed over at once."""
     h, cos, sin = embed(model, prompt, target)
     for i, block in enumerate(model.layers):
         if i not in skip:
             h = block(h, cos, sin)
-    return target_nll(model, h, target)
+    return h
+
+
+@torch.no_grad()
+def nll_skipping(model: qwen.Qwen2, prompt: list[int], target: list[int], skip: set[int]) -> float:
+    """Mean target NLL with every block in `skip` passed over at once."""
+    return target_nll(model, skipping(model, prompt, target, skip), target)
+
+
+@torch.no_grad()
+def answers(model: qwen.Qwen2, pts, skip: set[int]) -> list[tuple[float, bool]]:
+    """Per step: summed target NLL with `skip` passed over, and whether greedy decoding gives the
+    target exactly (every target token the argmax after the ones before it: one teacher-forced pass)."""
+    out = []
+    for p, t in pts:
+        logits, t = target_logits(model, skipping(model, p, t, skip), t), torch.tensor(t)
+        out.append((F.cross_entropy(logits, t, reduction="sum").item(), bool((logits.argmax(-1) == t).all())))
+    return out
+
+
+def keep_answers(model: qwen.Qwen2, fit, held, k: int) -> None:
+    """The best a type router can do for exact match: a greedy search for one set of blocks closed
+    for every step, each round adding the block that breaks the fewest of `fit`'s answers net (then
+    the lowest NLL). Every set is also scored on `held`, which the search never sees."""
+    opened = {"searched on": (fit, answers(model, fit, set())), "held out": (held, answers(model, held, set()))}
+
+    def compare(which, skip):  # answers broken, fixed; perplexity x; answers right before, after
+        pts, a = opened[which]
+        b = answers(model, pts, skip)
+        broke, fixed = sum(x[1] and not y[1] for x, y in zip(a, b)), sum(y[1] and not x[1] for x, y in zip(a, b))
+        ratio = math.exp((sum(y[0] for y in b) - sum(x[0] for x in a)) / sum(len(t) for _, t in pts))
+        return broke, fixed, ratio, sum(x[1] for x in a), sum(y[1] for y in b)
+
+    def net_broken(i):
+        broke, fixed, ratio, *_ = compare("searched on", chosen | {i})
+        return broke - fixed, ratio
+
+    show = "{}: broke {} fixed {} x{:.3f} right {} -> {}".format
+    chosen: set[int] = set()
+    for _ in range(k):
+        chosen.add(min((i for i in range(model.cfg.num_hidden_layers) if i not in chosen), key=net_broken))
+        print(f"  {sorted(chosen)}  " + " | ".join(show(w, *compare(w, chosen)) for w in opened), flush=True)
 
 
 def oracle(model, pts, full, costs, choose) -> tuple[float, float]:
@@ -103,6 +153,8 @@ def main():
     p.add_argument("--split", default="train", help="train, val, test or all")
     p.add_argument("--n", type=int, default=12, help="steps per type")
     p.add_argument("--max-len", type=int, default=256, help="tokens per step, oldest prompt tokens cut")
+    p.add_argument("--keep-answers", type=int, metavar="K", help="instead: search --split's tool calls for the "
+                   "K blocks whose skipping keeps the most greedy answers, and score each set on the test split")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     args = p.parse_args()
     if bool(args.model) == bool(args.run):
@@ -114,6 +166,11 @@ def main():
     else:
         model, tok = qwen.load_model(args.model).eval(), qwen.load_tokenizer(args.model)
     steps, _ = data.load_steps(args.data_dir)
+    if args.keep_answers:
+        fit, held = ([data.truncate(*data.encode(s, tok), args.max_len) for s in eval_.pick(steps, split, args.n, 0)["tool_call"]]
+                     for split in (args.split, "test"))
+        print(f"tool calls: {len(fit)} searched on ({args.split}), {len(held)} held out (test)")
+        return keep_answers(model, fit, held, args.keep_answers)
     L = model.cfg.num_hidden_layers
     k = round(0.2 * L)
     per_type = {}

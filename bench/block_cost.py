@@ -167,8 +167,10 @@ def main():
         model, tok = qwen.load_model(args.model).eval(), qwen.load_tokenizer(args.model)
     steps, _ = data.load_steps(args.data_dir)
     if args.keep_answers:
-        fit, held = ([data.truncate(*data.encode(s, tok), args.max_len) for s in eval_.pick(steps, split, args.n, 0)["tool_call"]]
+        fit, held = ([data.truncate(*data.encode(s, tok), args.max_len) for s in eval_.pick(steps, split, args.n, 0).get("tool_call", [])]
                      for split in (args.split, "test"))
+        if not fit or not held:
+            raise SystemExit(f"{args.data_dir}: --keep-answers needs tool calls in '{args.split}' and in 'test'")
         print(f"tool calls: {len(fit)} searched on ({args.split}), {len(held)} held out (test)")
         return keep_answers(model, fit, held, args.keep_answers)
     L = model.cfg.num_hidden_layers

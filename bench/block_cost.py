@@ -16,7 +16,8 @@ open, i.e. its LoRA-only model); without it the frozen base model.
 
 --keep-answers K asks what a router that knows only the step type can do for exact match: the one
 set of K blocks, closed for every tool call, that keeps the most greedy answers of --split's tool
-calls (a greedy search), each set then scored on the test split's.
+calls (a greedy search), each set then scored on the test split's; with --per-call, a set of K
+blocks for each call, chosen knowing its answer (a router that foresaw every answer: the ceiling).
 
     python bench/block_cost.py --model ~/.cache/layerroute/smollm2-135m-qwen2 --data-dir ../shared/data --n 12
     python bench/block_cost.py --run runs/layerroute --data-dir ../shared/data --split test --n 11
@@ -135,6 +136,26 @@ def keep_answers(model: qwen.Qwen2, fit, held, k: int) -> None:
         print(f"  {sorted(chosen)}  " + " | ".join(show(w, *compare(w, chosen)) for w in opened), flush=True)
 
 
+def keep_each(model: qwen.Qwen2, pts, k: int) -> None:
+    """The best a router that foresaw each answer could do: per step, close one block at a time, the
+    one with the lowest NLL among those that leave a right answer right, up to k blocks."""
+    kept = right_open = 0
+    for j, pt in enumerate(pts):
+        (nll_open, right), = answers(model, [pt], set())
+        chosen, nll = set(), nll_open
+        for _ in range(k):
+            fits = [(a[0], i) for i in range(model.cfg.num_hidden_layers) if i not in chosen
+                    for a in answers(model, [pt], chosen | {i}) if a[1] or not right]
+            if not fits:
+                break
+            nll, i = min(fits)
+            chosen.add(i)
+        right_open, kept = right_open + right, kept + (right and len(chosen) == k)
+        print(f"  call {j} ({len(pt[1])} tokens, {'right' if right else 'wrong'} with every block on): "
+              f"{len(chosen)} blocks {sorted(chosen)} x{math.exp((nll - nll_open) / len(pt[1])):.3f}", flush=True)
+    print(f"  {kept} of the {right_open} right answers stay right with {k} blocks closed, each its own")
+
+
 def oracle(model, pts, full, costs, choose) -> tuple[float, float]:
     """Blocks skipped (%) and perplexity ratio (skipping / every block on, token-weighted) when each
     input closes choose(its costs) together."""
@@ -155,6 +176,8 @@ def main():
     p.add_argument("--max-len", type=int, default=256, help="tokens per step, oldest prompt tokens cut")
     p.add_argument("--keep-answers", type=int, metavar="K", help="instead: search --split's tool calls for the "
                    "K blocks whose skipping keeps the most greedy answers, and score each set on the test split")
+    p.add_argument("--per-call", action="store_true", help="with --keep-answers: a set of K blocks for each tool "
+                   "call of --split, chosen knowing its answer (a router that foresaw it: the ceiling per call)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     args = p.parse_args()
     if bool(args.model) == bool(args.run):
@@ -171,6 +194,8 @@ def main():
                      for split in (args.split, "test"))
         if not fit or not held:
             raise SystemExit(f"{args.data_dir}: --keep-answers needs tool calls in '{args.split}' and in 'test'")
+        if args.per_call:
+            return keep_each(model, fit, args.keep_answers)
         print(f"tool calls: {len(fit)} searched on ({args.split}), {len(held)} held out (test)")
         return keep_answers(model, fit, held, args.keep_answers)
     L = model.cfg.num_hidden_layers

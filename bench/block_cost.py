@@ -166,6 +166,14 @@ def oracle(model, pts, full, costs, choose) -> tuple[float, float]:
     return 100 * np.mean([len(s) for s in sets]) / costs.shape[1], math.exp((nll - base) / n_tok)
 
 
+def tool_calls(steps, tok, split: str, args) -> list:
+    """eval.py's sample of a split's tool calls, encoded and cut as train.py does."""
+    chosen = eval_.pick(steps, split, args.n, 0).get("tool_call", [])
+    if not chosen:
+        raise SystemExit(f"{args.data_dir}: --keep-answers needs tool calls in split '{split}'")
+    return [data.truncate(*data.encode(s, tok), args.max_len) for s in chosen]
+
+
 def main():
     p = argparse.ArgumentParser(description="Per-block cost of skipping per step type, and oracle routers.")
     p.add_argument("--model", help="checkpoint folder (the frozen base)")
@@ -182,6 +190,8 @@ def main():
     args = p.parse_args()
     if bool(args.model) == bool(args.run):
         p.error("give exactly one of --model and --run")
+    if args.per_call and not args.keep_answers:
+        p.error("--per-call goes with --keep-answers K")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
@@ -190,12 +200,10 @@ def main():
         model, tok = qwen.load_model(args.model).eval(), qwen.load_tokenizer(args.model)
     steps, _ = data.load_steps(args.data_dir)
     if args.keep_answers:
-        fit, held = ([data.truncate(*data.encode(s, tok), args.max_len) for s in eval_.pick(steps, split, args.n, 0).get("tool_call", [])]
-                     for split in (args.split, "test"))
-        if not fit or not held:
-            raise SystemExit(f"{args.data_dir}: --keep-answers needs tool calls in '{args.split}' and in 'test'")
+        fit = tool_calls(steps, tok, args.split, args)
         if args.per_call:
             return keep_each(model, fit, args.keep_answers)
+        held = tool_calls(steps, tok, "test", args)
         print(f"tool calls: {len(fit)} searched on ({args.split}), {len(held)} held out (test)")
         return keep_answers(model, fit, held, args.keep_answers)
     L = model.cfg.num_hidden_layers

@@ -17,13 +17,16 @@ open, i.e. its LoRA-only model); without it the frozen base model.
 --keep-answers K asks what a router that knows only the step type can do for exact match: the one
 set of K blocks, closed for every tool call, that keeps the most greedy answers of --split's tool
 calls (a greedy search), each set then scored on the test split's; with --per-call, a set of K
-blocks for each call, chosen knowing its answer (a router that foresaw every answer: the ceiling).
+blocks for each call, chosen knowing its answer (a router that foresaw every answer: the ceiling);
+with --among, every set of K blocks drawn from a short list instead of the greedy search.
 
     python bench/block_cost.py --model ~/.cache/layerroute/smollm2-135m-qwen2 --data-dir ../shared/data --n 12
     python bench/block_cost.py --run runs/layerroute --data-dir ../shared/data --split test --n 11
     python bench/block_cost.py --run runs/layerroute --data-dir ../shared/data --split val --n 16 --keep-answers 8
 """
 import argparse
+import collections
+import itertools
 import math
 import os
 import sys
@@ -112,28 +115,50 @@ def answers(model: qwen.Qwen2, pts, skip: set[int]) -> list[tuple[float, bool]]:
     return out
 
 
+def compare(model: qwen.Qwen2, pts, opened, skip: set[int]) -> tuple[int, int, float, int, int]:
+    """Against `opened` (answers() with every block on): answers broken and fixed with `skip` passed
+    over, perplexity x, and answers right before and after."""
+    closed = answers(model, pts, skip)
+    pairs = list(zip(opened, closed))
+    broke, fixed = sum(a[1] and not b[1] for a, b in pairs), sum(b[1] and not a[1] for a, b in pairs)
+    ratio = math.exp(sum(b[0] - a[0] for a, b in pairs) / sum(len(t) for _, t in pts))
+    return broke, fixed, ratio, sum(a[1] for a in opened), sum(b[1] for b in closed)
+
+
+SHOW = "broke {} fixed {} x{:.3f} right {} -> {}".format
+
+
 def keep_answers(model: qwen.Qwen2, fit, held, k: int) -> None:
     """The best a type router can do for exact match: a greedy search for one set of blocks closed
     for every step, each round adding the block that breaks the fewest of `fit`'s answers net (then
     the lowest NLL). Every set is also scored on `held`, which the search never sees."""
-    opened = {"searched on": (fit, answers(model, fit, set())), "held out": (held, answers(model, held, set()))}
-
-    def compare(which, skip):  # answers broken, fixed; perplexity x; answers right before, after
-        pts, a = opened[which]
-        b = answers(model, pts, skip)
-        broke, fixed = sum(x[1] and not y[1] for x, y in zip(a, b)), sum(y[1] and not x[1] for x, y in zip(a, b))
-        ratio = math.exp((sum(y[0] for y in b) - sum(x[0] for x in a)) / sum(len(t) for _, t in pts))
-        return broke, fixed, ratio, sum(x[1] for x in a), sum(y[1] for y in b)
+    opened = {w: (pts, answers(model, pts, set())) for w, pts in (("searched on", fit), ("held out", held))}
 
     def net_broken(i):
-        broke, fixed, ratio, *_ = compare("searched on", chosen | {i})
+        broke, fixed, ratio, *_ = compare(model, *opened["searched on"], chosen | {i})
         return broke - fixed, ratio
 
-    show = "{}: broke {} fixed {} x{:.3f} right {} -> {}".format
     chosen: set[int] = set()
     for _ in range(k):
         chosen.add(min((i for i in range(model.cfg.num_hidden_layers) if i not in chosen), key=net_broken))
-        print(f"  {sorted(chosen)}  " + " | ".join(show(w, *compare(w, chosen)) for w in opened), flush=True)
+        print(f"  {sorted(chosen)}  " + " | ".join(f"{w}: " + SHOW(*compare(model, *o, chosen))
+                                                  for w, o in opened.items()), flush=True)
+
+
+def keep_among(model: qwen.Qwen2, pts, among: list[int], k: int) -> None:
+    """Every set of k blocks drawn from `among`, closed for every step: an exhaustive search where the
+    greedy one may miss, affordable only over a short list (C(10, 6) = 210 sets)."""
+    opened = answers(model, pts, set())
+    sets = list(itertools.combinations(among, k))
+    print(f"{len(sets)} sets of {k} from {among}, {len(pts)} tool calls", flush=True)
+    best, right_after = None, collections.Counter()
+    for s in sets:
+        res = compare(model, pts, opened, set(s))
+        right_after[res[4]] += 1
+        if best is None or (res[0] - res[1], res[2]) < (best[1][0] - best[1][1], best[1][2]):
+            best = s, res
+            print(f"  best so far {list(s)}: " + SHOW(*res), flush=True)
+    print("  sets by answers right after: " + ", ".join(f"{n} right: {c}" for n, c in sorted(right_after.items())))
 
 
 def keep_each(model: qwen.Qwen2, pts, k: int) -> None:
@@ -186,12 +211,18 @@ def main():
                    "K blocks whose skipping keeps the most greedy answers, and score each set on the test split")
     p.add_argument("--per-call", action="store_true", help="with --keep-answers: a set of K blocks for each tool "
                    "call of --split, chosen knowing its answer (a router that foresaw it: the ceiling per call)")
+    p.add_argument("--among", help="with --keep-answers: every set of K blocks from this list (e.g. 3,4,5,6,7,25,26), "
+                   "closed for every tool call of --split: an exhaustive search over a short list")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     args = p.parse_args()
     if bool(args.model) == bool(args.run):
         p.error("give exactly one of --model and --run")
     if args.per_call and not args.keep_answers:
         p.error("--per-call goes with --keep-answers K")
+    if args.among and (not args.keep_answers or args.per_call):
+        p.error("--among goes with --keep-answers K, without --per-call")
+    if args.among and not all(b.strip().isdigit() for b in args.among.split(",")):
+        p.error(f"--among takes block numbers separated by commas, not {args.among!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
@@ -203,6 +234,11 @@ def main():
         fit = tool_calls(steps, tok, args.split, args)
         if args.per_call:
             return keep_each(model, fit, args.keep_answers)
+        if args.among:
+            among = sorted({int(b) for b in args.among.split(",")})
+            if not set(among) <= set(range(model.cfg.num_hidden_layers)) or len(among) < args.keep_answers:
+                p.error(f"--among needs at least {args.keep_answers} blocks, each in 0-{model.cfg.num_hidden_layers - 1}")
+            return keep_among(model, fit, among, args.keep_answers)
         held = tool_calls(steps, tok, "test", args)
         print(f"tool calls: {len(fit)} searched on ({args.split}), {len(held)} held out (test)")
         return keep_answers(model, fit, held, args.keep_answers)

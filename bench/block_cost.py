@@ -145,19 +145,20 @@ def keep_answers(model: qwen.Qwen2, fit, held, k: int) -> None:
                                                   for w, o in opened.items()), flush=True)
 
 
-def keep_among(model: qwen.Qwen2, pts, among: list[int], k: int) -> None:
-    """Every set of k blocks drawn from `among`, closed for every step: an exhaustive search where the
-    greedy one may miss, affordable only over a short list (C(10, 6) = 210 sets)."""
+def keep_among(model: qwen.Qwen2, pts, among: list[int], k: int, always: list[int]) -> None:
+    """Every set of k blocks that holds `always` and draws the rest from `among`, closed for every
+    step: an exhaustive search where the greedy one may miss, affordable only over a short list
+    (C(10, 6) = 210 sets)."""
     opened = answers(model, pts, set())
-    sets = list(itertools.combinations(among, k))
-    print(f"{len(sets)} sets of {k} from {among}, {len(pts)} tool calls", flush=True)
+    sets = [tuple(always) + c for c in itertools.combinations(among, k - len(always))]
+    print(f"{len(sets)} sets of {k}: {always} and the rest from {among}, {len(pts)} tool calls", flush=True)
     best, right_after = None, collections.Counter()
     for s in sets:
         res = compare(model, pts, opened, set(s))
         right_after[res[4]] += 1
         if best is None or (res[0] - res[1], res[2]) < (best[1][0] - best[1][1], best[1][2]):
             best = s, res
-            print(f"  best so far {list(s)}: " + SHOW(*res), flush=True)
+            print(f"  best so far {sorted(s)}: " + SHOW(*res), flush=True)
     print("  sets by answers right after: " + ", ".join(f"{n} right: {c}" for n, c in sorted(right_after.items())))
 
 
@@ -199,6 +200,13 @@ def tool_calls(steps, tok, split: str, args) -> list:
     return [data.truncate(*data.encode(s, tok), args.max_len) for s in chosen]
 
 
+def block_list(p: argparse.ArgumentParser, name: str, value: str | None) -> set[int]:
+    """Block numbers from "3,5,7" (an empty set when not given); anything else is a usage error."""
+    if value and not all(b.strip().isdigit() for b in value.split(",")):
+        p.error(f"{name} takes block numbers separated by commas, not {value!r}")
+    return {int(b) for b in value.split(",")} if value else set()
+
+
 def main():
     p = argparse.ArgumentParser(description="Per-block cost of skipping per step type, and oracle routers.")
     p.add_argument("--model", help="checkpoint folder (the frozen base)")
@@ -213,6 +221,7 @@ def main():
                    "call of --split, chosen knowing its answer (a router that foresaw it: the ceiling per call)")
     p.add_argument("--among", help="with --keep-answers: every set of K blocks from this list (e.g. 3,4,5,6,7,25,26), "
                    "closed for every tool call of --split: an exhaustive search over a short list")
+    p.add_argument("--always", default="", help="with --among: blocks in every set (e.g. 5,6,7,26)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     args = p.parse_args()
     if bool(args.model) == bool(args.run):
@@ -221,8 +230,9 @@ def main():
         p.error("--per-call goes with --keep-answers K")
     if args.among and (not args.keep_answers or args.per_call):
         p.error("--among goes with --keep-answers K, without --per-call")
-    if args.among and not all(b.strip().isdigit() for b in args.among.split(",")):
-        p.error(f"--among takes block numbers separated by commas, not {args.among!r}")
+    if args.always and not args.among:
+        p.error("--always goes with --among")
+    among, always = (block_list(p, name, v) for name, v in (("--among", args.among), ("--always", args.always)))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
@@ -234,11 +244,11 @@ def main():
         fit = tool_calls(steps, tok, args.split, args)
         if args.per_call:
             return keep_each(model, fit, args.keep_answers)
-        if args.among:
-            among = sorted({int(b) for b in args.among.split(",")})
-            if not set(among) <= set(range(model.cfg.num_hidden_layers)) or len(among) < args.keep_answers:
-                p.error(f"--among needs at least {args.keep_answers} blocks, each in 0-{model.cfg.num_hidden_layers - 1}")
-            return keep_among(model, fit, among, args.keep_answers)
+        if among:
+            L, k = model.cfg.num_hidden_layers, args.keep_answers
+            if not among | always <= set(range(L)) or len(among | always) < k or len(always) > k:
+                p.error(f"--among and --always: at least {k} blocks in all, at most {k} always, each in 0-{L - 1}")
+            return keep_among(model, fit, sorted(among - always), k, sorted(always))
         held = tool_calls(steps, tok, "test", args)
         print(f"tool calls: {len(fit)} searched on ({args.split}), {len(held)} held out (test)")
         return keep_answers(model, fit, held, args.keep_answers)

@@ -131,8 +131,9 @@ SHOW = "broke {} fixed {} x{:.3f} right {} -> {}".format
 def keep_answers(model: qwen.Qwen2, fit, held, k: int) -> None:
     """The best a type router can do for exact match: a greedy search for one set of blocks closed
     for every step, each round adding the block that breaks the fewest of `fit`'s answers net (then
-    the lowest NLL). Every set is also scored on `held`, which the search never sees."""
-    opened = {w: (pts, answers(model, pts, set())) for w, pts in (("searched on", fit), ("held out", held))}
+    the lowest NLL). Every set is also scored on `held` (when given), which the search never sees."""
+    pairs = (("searched on", fit), ("held out", held)) if held else (("searched on", fit),)
+    opened = {w: (pts, answers(model, pts, set())) for w, pts in pairs}
 
     def net_broken(i):
         broke, fixed, ratio, *_ = compare(model, *opened["searched on"], chosen | {i})
@@ -156,8 +157,8 @@ def keep_among(model: qwen.Qwen2, pts, among: list[int], k: int, always: list[in
     for s in sets:
         res = compare(model, pts, opened, set(s))
         right_after[res[4]] += 1
-        if best is None or (res[0] - res[1], res[2]) < (best[1][0] - best[1][1], best[1][2]):
-            best = s, res
+        if best is None or (res[0] - res[1], res[2]) < best:  # fewest answers lost net, then perplexity
+            best = res[0] - res[1], res[2]
             print(f"  best so far {sorted(s)}: " + SHOW(*res), flush=True)
     print("  sets by answers right after: " + ", ".join(f"{n} right: {c}" for n, c in sorted(right_after.items())))
 
@@ -249,8 +250,8 @@ def main():
             if not among | always <= set(range(L)) or len(among | always) < k or len(always) > k:
                 p.error(f"--among and --always: at least {k} blocks in all, at most {k} always, each in 0-{L - 1}")
             return keep_among(model, fit, sorted(among - always), k, sorted(always))
-        held = tool_calls(steps, tok, "test", args)
-        print(f"tool calls: {len(fit)} searched on ({args.split}), {len(held)} held out (test)")
+        held = tool_calls(steps, tok, "test", args) if args.split != "test" else None  # test: searched on already
+        print(f"tool calls: {len(fit)} searched on ({args.split}), {len(held) if held else 'none'} held out (test)")
         return keep_answers(model, fit, held, args.keep_answers)
     L = model.cfg.num_hidden_layers
     k = round(0.2 * L)

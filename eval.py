@@ -74,9 +74,11 @@ def flops_skipped_pct(cfg: qwen.QwenConfig, gates: list[float], length: int, sta
 
 @torch.no_grad()
 def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[int], str]],
-                   batch_size: int = 4, pad_id: int = 0, pad_to: int | None = None) -> list[dict]:
-    """Per example (prompt_ids, target_ids, kind): target NLL sums under each of MODES, and the
-    routed pass's gates and scores. Examples are batched by length (less padding), results kept in order.
+                   batch_size: int = 4, pad_id: int = 0, pad_to: int | None = None,
+                   modes: tuple[str, ...] = tuple(MODES)) -> list[dict]:
+    """Per example (prompt_ids, target_ids, kind): target NLL sums under each of modes, and the
+    last mode's gates and scores (the routed pass's, with the default modes). Examples are batched
+    by length (less padding), results kept in order.
     pad_to: pad every batch to this length, as training did for the reference recipe (its router
     pools over the padding, so its gates depend on it)."""
     dev = model.base.embed_tokens.weight.device
@@ -87,7 +89,7 @@ def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[in
         b = data.collate([examples[i][:2] for i in rows], [examples[i][2] for i in rows], pad_id, pad_to)
         ids, labels, plens = b.ids.to(dev), b.labels.to(dev), b.prompt_lens.to(dev)
         nll = {}
-        for name in MODES:
+        for name in modes:
             with mode(model, name):
                 logits = model(ids, plens)
             # labels[t] is predicted at t-1; -100 (prompt, padding) adds exactly 0 to the row's sum.
@@ -96,7 +98,7 @@ def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[in
         for j, i in enumerate(rows):
             p, t, kind = examples[i]
             out[i] = {"kind": kind, "prompt_len": len(p), "length": len(p) + len(t), "n_target": len(t),
-                      "nll": {m: nll[m][j] for m in MODES}, "gates": model.last_gates[j].tolist(),
+                      "nll": {m: nll[m][j] for m in modes}, "gates": model.last_gates[j].tolist(),
                       "scores": model.last_scores[j].tolist()}
     return out
 
@@ -293,22 +295,32 @@ def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, o
                   max_new_tokens: int) -> tuple[dict, list[dict]]:
     """Greedy generation of each (prompt_ids, kind, scorable answer) under each of MODES:
     fraction correct per mode (with n), and the generated texts for inspection."""
-    stop = qwen.stop_ids(model.base.cfg, tok)
-    dev = model.base.embed_tokens.weight.device
     acc, texts, right = {"n": len(items)}, [{} for _ in items], {}
     for name in MODES:
         with mode(model, name):
-            right[name] = []
-            for j, (p, kind, answer) in enumerate(items):
-                new = qwen.generate(model, torch.tensor([p], device=dev), max_new_tokens, stop)[0]
-                texts[j][name] = tok.decode(new, skip_special_tokens=False)
-                right[name].append(answer_correct(kind, texts[j][name], answer))
+            right[name], said = greedy_answers(model, tok, items, max_new_tokens)
+        for j, text in enumerate(said):
+            texts[j][name] = text
         acc[name] = sum(right[name]) / len(items) if items else None
     # Paired: the same steps under both models, so what counts is which answers routing changed.
     acc["lost"] = sum(a and not b for a, b in zip(right["lora"], right["routed"]))
     acc["gained"] = sum(b and not a for a, b in zip(right["lora"], right["routed"]))
     acc["mcnemar_p"] = mcnemar_p(acc["lost"], acc["gained"])
     return acc, texts
+
+
+def greedy_answers(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, object]],
+                   max_new_tokens: int) -> tuple[list[bool | None], list[str]]:
+    """Greedy generation of each (prompt_ids, kind, answer) in the model's current mode:
+    whether each answer is right, and the texts."""
+    stop = qwen.stop_ids(model.base.cfg, tok)
+    dev = model.base.embed_tokens.weight.device
+    right, texts = [], []
+    for p, kind, answer in items:
+        new = qwen.generate(model, torch.tensor([p], device=dev), max_new_tokens, stop)[0]
+        texts.append(tok.decode(new, skip_special_tokens=False))
+        right.append(answer_correct(kind, texts[-1], answer))
+    return right, texts
 
 
 # ----------------------------------------------------------------------------- latency
@@ -464,7 +476,7 @@ def plot(report: dict, recs: list[dict], stem: str) -> list[str]:
     for kind in types:
         rs = [r for r in recs if r["kind"] == kind]
         ax.scatter([r["prompt_len"] for r in rs], [np.mean(r["scores"]) for r in rs], s=8, alpha=0.6, label=kind)
-    ax.axhline(0.5, color="gray", lw=0.5)  # the gate threshold
+    ax.axhline(report["settings"]["threshold"], color="gray", lw=0.5)  # the gate threshold
     ax.set(xlabel="prompt length (tokens)", ylabel="mean router score over blocks",
            title=f"gate vs length (r = {fmt(report.get('gate_length_corr'), '+.2f')})")
     ax.legend()
@@ -541,6 +553,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-n", type=int, default=5, help="prompts per type to time (0: no timing)")
     p.add_argument("--latency-tokens", type=int, default=64, help="tokens decoded per timed generation")
     p.add_argument("--latency-repeats", type=int, default=3, help="timed repeats per prompt and model")
+    p.add_argument("--threshold", type=float, default=0.5, help="a gate opens when its router's score is above "
+                   "this; training used 0.5, lower closes only the surest skips (bench/threshold.py sweeps it)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per teacher-forced batch")
     p.add_argument("--max-len", type=int, help="tokens per step, oldest prompt tokens cut (default: the run's)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
@@ -573,6 +587,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, run = lr.load_run(args.run, args.device, getattr(torch, args.dtype))
+    model.threshold = args.threshold
     if tok is None:
         raise ValueError(f"{args.run}: trained with --random-init on synthetic batches: no steps to evaluate")
     args.max_len = args.max_len or run["max_len"]

@@ -4,6 +4,7 @@ A sequence's gates are decided once, from its prompt (every token before the fir
 at block i the router reads the mean of `input_layernorm(h)` over the prompt's real tokens, the
 first token excluded (its "massive activation" is a constant that a mean turns into a length
 signal), padding excluded, scaled to unit length. sigmoid(router) > 0.5 opens the gate; closed means h_out = h.
+Evaluation may lower that threshold (`LayerRoute.threshold`): then only the surest skips are taken.
 
 - The routers learn in one of two ways. Straight-through (the paper): forward uses the hard
   gate, backward the sigmoid, so training computes every block, block(h) is needed even where
@@ -103,6 +104,9 @@ class LayerRoute(nn.Module):
             nn.init.zeros_(router.weight)
             nn.init.constant_(router.bias, b)
         self.open_gates = False  # True: every gate open (LoRA-only), routers untouched
+        # A gate opens when its score is above this. Training keeps 0.5 (the straight-through gate and
+        # the measured costs assume it); lower at inference closes only the blocks a router is surest of.
+        self.threshold = 0.5
         # False: the gate's gradient is not the straight-through estimate; training then runs only
         # the open blocks, and the routers learn from measured loss differences (flip_losses).
         self.straight_through = True
@@ -181,7 +185,7 @@ class LayerRoute(nn.Module):
         for i, block in enumerate(base.layers):
             if prefill:
                 s = self.route(i, h, prompt_lens)  # (B,)
-                hard = torch.ones_like(s) if self.open_gates else (s > 0.5).float()
+                hard = torch.ones_like(s) if self.open_gates else (s > self.threshold).float()
                 # Straight-through: value = the hard gate, gradient = sigmoid's. The bracket matters:
                 # hard + s - s.detach() would round 1 + s - s to 0.99999994.
                 g = hard + (s - s.detach()) if self.straight_through else hard

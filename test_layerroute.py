@@ -434,6 +434,23 @@ def test_layerroute_skipped_block_is_exactly_gate_zero(tmp_path):
         assert torch.equal(model(ids), expected)
 
 
+def test_layerroute_threshold_opens_gates_above_it_only(tmp_path):
+    base, model = tiny_routed(tmp_path, dropout=0.0)
+    set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)  # scores spread around 0.5, rows differ
+    ids = torch.randint(0, 300, (4, 10))
+    with torch.no_grad():
+        for t in (0.5, 0.3, 0.1):
+            model.threshold = t
+            model.eval()(ids)
+            assert torch.equal(model.last_gates, (model.last_scores > t).float())
+        assert model.last_gates.sum() > 0 and (model.last_gates == 0).any()  # both kinds of gate seen
+        model.threshold = 0.0  # no score is 0: nothing closes, the routed model is the LoRA-only one
+        routed = model(ids)
+        assert model.last_gates.min() == 1
+        model.open_gates = True
+        assert torch.equal(routed, model(ids))
+
+
 def test_layerroute_flip_losses_equal_a_rerun_with_that_gate_flipped(tmp_path):
     base, model = tiny_routed(tmp_path, dropout=0.0)  # LoRA B = 0: the routed model is base with blocks dropped
     set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)  # rows get different gates

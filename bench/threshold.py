@@ -1,0 +1,106 @@
+"""The gate threshold at inference: skipping traded for accuracy, without retraining.
+
+Training opens a gate when its router's score is above 0.5. At inference the threshold can be
+lowered, so that only the skips a router is surest of are taken: each input then closes its own
+number of blocks, those whose score is below the threshold. For each threshold and each run, on
+eval.py's sample of --split: blocks skipped per type, the skip differential, routed / LoRA-only
+perplexity per type (token-weighted), and the greedy exact match of the tool calls, with the
+answers routing broke and fixed against LoRA-only (every block on). With several runs, the broken
+and fixed answers are pooled per threshold (McNemar).
+
+Choose a threshold on --split val, then read it on test: choosing it on the test calls is tuning
+on them.
+
+    python bench/threshold.py --runs runs/ours-s0 runs/ours-s1 --data-dir ../shared/data --split val \
+        --thresholds 0.5,0.3,0.2,0.1 --threads 1
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
+import eval as eval_  # noqa: E402
+import layerroute as lr  # noqa: E402
+
+
+def perplexity(recs: list[dict], kind: str, name: str) -> float:
+    rs = [r for r in recs if r["kind"] == kind]
+    return math.exp(sum(r["nll"][name] for r in rs) / sum(r["n_target"] for r in rs))
+
+
+def skipped_pct(recs: list[dict], kind: str) -> float:
+    gates = [g for r in recs if r["kind"] == kind for g in r["gates"]]
+    return 100.0 * (1 - sum(gates) / len(gates))
+
+
+def sweep(run: str, args) -> list[dict]:
+    """One row per threshold: skips, perplexity ratios and answers of one run."""
+    model, tok, saved = lr.load_run(run)
+    steps, _ = data.load_steps(args.data_dir or saved.get("data_dir"))
+    by_kind = eval_.pick(steps, args.split, args.n, args.seed)
+    max_len = saved["max_len"]
+    enc = {k: [data.truncate(*data.encode(s, tok), max_len) for s in ss] for k, ss in by_kind.items()}
+    examples = [(p, t, k) for k, pts in enc.items() for p, t in pts]
+    calls = [(p, "tool_call", s.answer) for (p, _), s in zip(enc["tool_call"], by_kind["tool_call"])]
+    pad = tok.token_to_id("<|endoftext|>") or 0
+    lora = eval_.teacher_forced(model, examples, args.batch_size, pad, modes=("lora",))
+    with eval_.mode(model, "lora"):
+        lora_right, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+    rows = []
+    for t in args.thresholds:
+        t0 = time.time()
+        model.threshold = t
+        recs = eval_.teacher_forced(model, examples, args.batch_size, pad, modes=("routed",))
+        with eval_.mode(model, "routed"):
+            right, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+        row = {"run": run, "threshold": t, "calls": len(calls), "lora_right": sum(lora_right),
+               "right": sum(right), "broke": sum(a and not b for a, b in zip(lora_right, right)),
+               "fixed": sum(b and not a for a, b in zip(lora_right, right))}
+        for kind in ("tool_call", "planning"):
+            row[kind] = skipped_pct(recs, kind)
+            row[kind + "_x"] = perplexity(recs, kind, "routed") / perplexity(lora, kind, "lora")
+        rows.append(row)
+        print(f"{run}  threshold {t:.3f}: tool_call {row['tool_call']:5.1f}% of blocks (x{row['tool_call_x']:.3f}), "
+              f"planning {row['planning']:5.2f}% (x{row['planning_x']:.3f}), differential "
+              f"{row['tool_call'] - row['planning']:+.1f} points; exact match {row['lora_right']}/{len(calls)} LoRA-only, "
+              f"{row['right']}/{len(calls)} routed (broke {row['broke']}, fixed {row['fixed']}) "
+              f"[{time.time() - t0:.0f} s]", flush=True)
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", nargs="+", required=True, help="run folders written by train.py")
+    p.add_argument("--data-dir", help="data to evaluate on (default: each run's own --data-dir)")
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--n", type=int, default=200, help="at most this many steps per type (eval.py's sample)")
+    p.add_argument("--thresholds", default="0.5,0.4,0.3,0.2,0.1",
+                   type=lambda s: [float(x) for x in s.split(",")], help="comma-separated, each in [0, 1]")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="seed of eval.py's step sample")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    args = p.parse_args(argv)
+    if not all(0 <= t <= 1 for t in args.thresholds):
+        p.error(f"--thresholds {args.thresholds}: each must be in [0, 1]")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [r for run in args.runs for r in sweep(run, args)]
+    if len(args.runs) > 1:
+        for t in args.thresholds:
+            at = [r for r in rows if r["threshold"] == t]
+            broke, fixed = sum(r["broke"] for r in at), sum(r["fixed"] for r in at)
+            mean = lambda k: sum(r[k] for r in at) / len(at)  # noqa: E731
+            print(f"pooled, threshold {t:.3f}: tool_call {mean('tool_call'):.1f}%, planning {mean('planning'):.2f}% "
+                  f"(mean over runs); of {sum(r['calls'] for r in at)} calls routing broke {broke}, fixed {fixed} "
+                  f"(McNemar p {eval_.mcnemar_p(broke, fixed):.4f})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

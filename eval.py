@@ -206,6 +206,11 @@ def mcnemar_p(lost: int, gained: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def broke_fixed(before: list[bool], after: list[bool]) -> tuple[int, int]:
+    """Paired answers: how many were right before and wrong after, and how many the reverse."""
+    return sum(a and not b for a, b in zip(before, after)), sum(b and not a for a, b in zip(before, after))
+
+
 def paired(d: list[float], n_boot: int, seed: int) -> dict:
     """Mean of paired differences with its bootstrap CI (None for no pairs)."""
     return {"points": float(np.mean(d)) if d else None, "ci95": bootstrap_ci(d, None, n_boot, seed) if d else None,
@@ -303,8 +308,7 @@ def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, o
             texts[j][name] = text
         acc[name] = sum(right[name]) / len(items) if items else None
     # Paired: the same steps under both models, so what counts is which answers routing changed.
-    acc["lost"] = sum(a and not b for a, b in zip(right["lora"], right["routed"]))
-    acc["gained"] = sum(b and not a for a, b in zip(right["lora"], right["routed"]))
+    acc["lost"], acc["gained"] = broke_fixed(right["lora"], right["routed"])
     acc["mcnemar_p"] = mcnemar_p(acc["lost"], acc["gained"])
     return acc, texts
 

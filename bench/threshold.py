@@ -58,9 +58,9 @@ def sweep(run: str, args) -> list[dict]:
         recs = eval_.teacher_forced(model, examples, args.batch_size, pad, modes=("routed",))
         with eval_.mode(model, "routed"):
             right, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+        broke, fixed = eval_.broke_fixed(lora_right, right)
         row = {"run": run, "threshold": t, "calls": len(calls), "lora_right": sum(lora_right),
-               "right": sum(right), "broke": sum(a and not b for a, b in zip(lora_right, right)),
-               "fixed": sum(b and not a for a, b in zip(lora_right, right))}
+               "right": sum(right), "broke": broke, "fixed": fixed}
         for kind in ("tool_call", "planning"):
             row[kind] = skipped_pct(recs, kind)
             row[kind + "_x"] = perplexity(recs, kind, "routed") / perplexity(lora, kind, "lora")

@@ -469,11 +469,17 @@ def _skipped(rep: dict, reason: str, where: str) -> None:
 
 # ---- tokens and batches ----
 
-def encode(step: Step, tokenizer) -> tuple[list[int], list[int]]:
+def encode(step: Step, tokenizer, max_len: int | None = None) -> tuple[list[int], list[int]]:
     """Prompt and target encoded apart, so the boundary is exact; <|im_start|> etc. are added
-    tokens in tokenizer.json, so they come out as single ids."""
-    return (tokenizer.encode(step.prompt, add_special_tokens=False).ids,
-            tokenizer.encode(step.target, add_special_tokens=False).ids)
+    tokens in tokenizer.json, so they come out as single ids. With max_len, cut as truncate() cuts."""
+    ids = (tokenizer.encode(step.prompt, add_special_tokens=False).ids,
+           tokenizer.encode(step.target, add_special_tokens=False).ids)
+    return truncate(*ids, max_len) if max_len else ids
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with (padding is masked out of every loss and every router)."""
+    return tokenizer.token_to_id("<|endoftext|>") or 0
 
 
 def encode_all(steps: list[Step], tokenizer) -> list[tuple[list[int], list[int], str]]:

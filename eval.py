@@ -388,9 +388,9 @@ def pick(steps: list[data.Step], split: str, n: int | None, seed: int) -> dict[s
 def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], args) -> tuple[dict, list[dict]]:
     """The report of one run, and its per-example records."""
     cfg = model.base.cfg
-    enc = {k: [data.truncate(*data.encode(s, tok), args.max_len) for s in ss] for k, ss in by_kind.items()}
+    enc = {k: [data.encode(s, tok, args.max_len) for s in ss] for k, ss in by_kind.items()}
     examples = [(p, t, k) for k, pts in enc.items() for p, t in pts]
-    pad = tok.token_to_id("<|endoftext|>") or 0
+    pad = data.pad_id(tok)
     t0 = time.time()
     recs = teacher_forced(model, examples, args.batch_size, pad, args.max_len if model.pooling == "reference" else None)
     print(f"teacher-forced: {len(recs)} steps x {len(MODES)} models in {time.time() - t0:.0f} s", file=sys.stderr)

@@ -323,6 +323,10 @@ def test_data_encode_gives_single_special_ids(tmp_path):
         if step.kind == "tool_call" and step.target.startswith("<tool_call>"):
             assert target[0] == special["<tool_call>"]
     assert [e[:2] for e in data.encode_all(steps, tok)] == [data.encode(s, tok) for s in steps]
+    for step in steps:  # with max_len: the oldest prompt tokens go, as in training's batches
+        prompt, target = data.encode(step, tok)
+        cut = data.encode(step, tok, len(target) + 2)
+        assert cut == (prompt[-2:], target) and len(prompt) > 2
 
 
 def test_data_truncate_keeps_target_and_drops_oldest_prompt():

@@ -128,7 +128,7 @@ def training_batches(args, model, start: int):
     print(f"data: {len(train)} training steps, " + ", ".join(f"{k} {v}" for k, v in summary["steps"].items()),
           file=sys.stderr)
     encoded = data.encode_all(train, tok)
-    pad = tok.token_to_id("<|endoftext|>") or 0
+    pad = data.pad_id(tok)
     frac = None if args.tool_fraction < 0 else args.tool_fraction
     pad_to = args.max_len if args.pooling == "reference" else None
     return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start, pad_to=pad_to)

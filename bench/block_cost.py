@@ -198,7 +198,7 @@ def tool_calls(steps, tok, split: str, args) -> list:
     chosen = eval_.pick(steps, split, args.n, 0).get("tool_call", [])
     if not chosen:
         raise SystemExit(f"{args.data_dir}: --keep-answers needs tool calls in split '{split}'")
-    return [data.truncate(*data.encode(s, tok), args.max_len) for s in chosen]
+    return [data.encode(s, tok, args.max_len) for s in chosen]
 
 
 def block_list(p: argparse.ArgumentParser, name: str, value: str | None) -> set[int]:
@@ -257,7 +257,7 @@ def main():
     k = round(0.2 * L)
     per_type = {}
     for kind, chosen in eval_.pick(steps, args.split, args.n, seed=0).items():  # eval.py's sample
-        pts = [data.truncate(*data.encode(s, tok), args.max_len) for s in chosen]
+        pts = [data.encode(s, tok, args.max_len) for s in chosen]
         full, costs = zip(*(skip_costs(model, pr, t) for pr, t in pts))
         full, costs = np.array(full), np.stack(costs)  # (n,), (n, L)
         per_type[kind] = pts, full, costs

@@ -66,7 +66,7 @@ def perplexities(run: str, data_dir: str, skip: set[int], kind: str, n: int, max
     for k, chosen in eval_.pick(steps, "test", n, seed=0).items():
         if k not in eval_.PAIR:
             continue
-        pts = [data.truncate(*data.encode(s, tok), max_len) for s in chosen]
+        pts = [data.encode(s, tok, max_len) for s in chosen]
         tokens = sum(len(t) for _, t in pts)
 
         def ppl(blocks):
@@ -85,7 +85,7 @@ def exact_match(run: str, data_dir: str, skip: set[int], kind: str, n: int, max_
     model, tok, _ = lr.load_run(run)
     model.route = lambda i, h, _lens: torch.full((h.shape[0],), 0.0 if i in skip else 1.0)
     steps, _ = data.load_steps(data_dir)
-    items = [(data.truncate(*data.encode(s, tok), max_len)[0], kind, s.answer)
+    items = [(data.encode(s, tok, max_len)[0], kind, s.answer)
              for s in eval_.pick(steps, "test", None, seed=0)[kind]
              if eval_.answer_correct(kind, "", s.answer) is not None][:n]
     acc, _ = eval_.task_accuracy(model, tok, items, max_new_tokens)

@@ -29,7 +29,7 @@ def main():
     steps, _ = data.load_steps(args.data_dir)
     train = [s for s in steps if s.split == "train"]
     encoded = data.encode_all(train, tok)
-    pad = tok.token_to_id("<|endoftext|>") or 0
+    pad = data.pad_id(tok)
     frac = None if args.tool_fraction < 0 else args.tool_fraction
     stream = data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac)
     n_batches = -(-len(encoded) // args.batch_size)  # one epoch, as data.batches defines it

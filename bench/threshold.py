@@ -44,10 +44,10 @@ def sweep(run: str, args) -> list[dict]:
     steps, _ = data.load_steps(args.data_dir or saved.get("data_dir"))
     by_kind = eval_.pick(steps, args.split, args.n, args.seed)
     max_len = saved["max_len"]
-    enc = {k: [data.truncate(*data.encode(s, tok), max_len) for s in ss] for k, ss in by_kind.items()}
+    enc = {k: [data.encode(s, tok, max_len) for s in ss] for k, ss in by_kind.items()}
     examples = [(p, t, k) for k, pts in enc.items() for p, t in pts]
     calls = [(p, "tool_call", s.answer) for (p, _), s in zip(enc["tool_call"], by_kind["tool_call"])]
-    pad = tok.token_to_id("<|endoftext|>") or 0
+    pad = data.pad_id(tok)
     lora = eval_.teacher_forced(model, examples, args.batch_size, pad, modes=("lora",))
     with eval_.mode(model, "lora"):
         lora_right, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)

@@ -508,9 +508,10 @@ class Batch:
 
 
 def collate(examples: list[tuple[list[int], list[int]]], kinds: list[str], pad_id: int,
-            pad_to: int | None = None) -> Batch:
-    """Right-pad to the longest row (or to pad_to: the reference recipe pads everything to max_len)."""
-    T = pad_to or max(len(p) + len(t) for p, t in examples)
+            pad_to: int | None = None, pad_multiple: int = 1) -> Batch:
+    """Right-pad to the longest row, rounded up to a multiple of pad_multiple (or to pad_to: the
+    reference recipe pads everything to max_len)."""
+    T = pad_to or -(-max(len(p) + len(t) for p, t in examples) // pad_multiple) * pad_multiple
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
     for b, (p, t) in enumerate(examples):
@@ -551,7 +552,7 @@ def epoch_plan(kinds: list[str], lengths: list[int], batch_size: int, seed: int,
 
 def batches(encoded: list[tuple[list[int], list[int], str]], batch_size: int, max_len: int,
             pad_id: int, seed: int, tool_fraction: float | None = 0.5,
-            start: int = 0, pad_to: int | None = None) -> Iterator[Batch]:
+            start: int = 0, pad_to: int | None = None, pad_multiple: int = 1) -> Iterator[Batch]:
     """Infinite deterministic stream of training batches, beginning at batch index `start`
     (resume at optimiser step k with start = k * grad_accum: nothing skipped is collated)."""
     if not encoded:
@@ -563,7 +564,7 @@ def batches(encoded: list[tuple[list[int], list[int], str]], batch_size: int, ma
     while True:
         for rows in epoch_plan(kinds, lengths, batch_size, seed, epoch, tool_fraction)[skip:]:
             examples = [truncate(encoded[i][0], encoded[i][1], max_len) for i in rows]
-            yield collate(examples, [kinds[i] for i in rows], pad_id, pad_to)
+            yield collate(examples, [kinds[i] for i in rows], pad_id, pad_to, pad_multiple)
         epoch, skip = epoch + 1, 0
 
 

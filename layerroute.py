@@ -13,6 +13,11 @@ Evaluation may lower that threshold (`LayerRoute.threshold`): then only the sure
   so a router learns what skipping its block really costs each input.
 - Evaluation and generation compute a block only for the rows whose gate is open, and a KV cache
   exists only for those rows: skipped compute is really not done.
+- The fixed-shape training pass (`train_forward(..., fixed=True)`, train.py's default on CUDA) computes
+  every block for every row and keeps block(h) or h by the gate, in both modes: the same loss and
+  gradients, with shapes that never depend on a gate and no host synchronisation, so each piece
+  compiles once (`compile_training`). Closed blocks then cost their FLOPs; on a GPU the step is
+  bound by kernel launches, not by arithmetic, and that pays for them.
 Because the prompt's hidden states are causal, teacher-forced scoring and generation see exactly
 the same gates, and no gate ever sees the tokens it is scored on.
 """
@@ -111,6 +116,8 @@ class LayerRoute(nn.Module):
         # the open blocks, and the routers learn from measured loss differences (flip_losses).
         self.straight_through = True
         self.block_inputs: list[torch.Tensor] | None = None  # set to [] to keep each block's input h
+        # The pieces of the fixed-shape training pass; compile_training() swaps in compiled ones.
+        self.routed_block, self.gated, self.target_loss = routed_block, gated, target_loss
         self.last_scores: torch.Tensor | None = None  # (B, L) sigmoid scores of the last forward
         self.last_gates: torch.Tensor | None = None  # (B, L) hard 0/1 gates of the last forward
 
@@ -135,40 +142,26 @@ class LayerRoute(nn.Module):
     # ---- routing
 
     def route(self, i: int, h: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
-        """Router score sigmoid(w . pooled + b) of block i for each row: (B,), float32.
+        """Router score of block i for each row (B,): router_score with this model's pooling."""
+        return router_score(self.routers[i], self.base.layers[i].input_layernorm, h, prompt_lens, self.pooling)
 
-        pooled = mean of input_layernorm(h) over positions 1 <= t < prompt_len (real prompt
-        tokens only, the first one excluded), scaled to unit length. The input is detached: the
-        router reads the residual stream, it does not steer it.
-        """
-        T = h.shape[1]
-        if self.pooling == "reference":
-            # The authors' recipe, kept only to measure against: the raw stream over every position,
-            # padding and answer included (their batches are padded to max_len).
-            pooled = h.detach().float().mean(1)
-        else:
-            pos = torch.arange(T, device=h.device)
-            mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
-            normed = self.base.layers[i].input_layernorm(h.detach()).float()
-            pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
-            # Unit length: Adam moves each weight by about lr a step, so the score moves by about
-            # lr * |pooled|_1. At unit length that is ~lr * sqrt(d), not ~lr * d: the router
-            # steers instead of flipping every gate at once.
-            pooled = F.normalize(pooled, dim=-1)
-        r = self.routers[i]
-        return torch.sigmoid(F.linear(pooled, r.weight.float(), r.bias.float())).squeeze(-1)
+    def gate(self, s: torch.Tensor) -> torch.Tensor:
+        """The 0/1 gate of scores s (B,); straight-through, its gradient is sigmoid's."""
+        return gate_of(s, self.threshold, self.open_gates, self.straight_through)
 
     def new_cache(self, batch: int, max_len: int) -> RoutedCache:
         return RoutedCache(batch, max_len)
 
     def forward(self, ids: torch.Tensor, prompt_lens: torch.Tensor | None = None,
-                cache: RoutedCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                cache: RoutedCache | None = None, logits_at: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab); the routing decision lands in last_scores/last_gates.
 
         prompt_lens (B,): prompt tokens per row (teacher forcing). Without it the whole input is
         the prompt (a generation prefill). With a cache past its prefill, the stored gates are used.
         logits_at (B, T) bool: the LM head runs at those positions only, giving (N, vocab) in
         row-major order. Training scores targets only, and the head is the biggest single matmul.
+        return_hidden: the final norm's output instead of logits (the caller applies the head).
         """
         B, T = ids.shape
         base, cfg = self.base, self.base.cfg
@@ -185,10 +178,7 @@ class LayerRoute(nn.Module):
         for i, block in enumerate(base.layers):
             if prefill:
                 s = self.route(i, h, prompt_lens)  # (B,)
-                hard = torch.ones_like(s) if self.open_gates else (s > self.threshold).float()
-                # Straight-through: value = the hard gate, gradient = sigmoid's. The bracket matters:
-                # hard + s - s.detach() would round 1 + s - s to 0.99999994.
-                g = hard + (s - s.detach()) if self.straight_through else hard
+                g = self.gate(s)
             else:
                 s = g = cache.gates[:, i]
             scores.append(s)
@@ -196,8 +186,7 @@ class LayerRoute(nn.Module):
             if self.block_inputs is not None:
                 self.block_inputs.append(h.detach())
             if mix:  # training computes every block; g*f + (1-g)*h is exactly f or h for a 0/1 gate
-                g3 = g.to(h.dtype)[:, None, None]
-                h = g3 * block(h, cos, sin) + (1 - g3) * h
+                h = gated(block, h, g, cos, sin)
                 continue
             if prefill and cache is not None:  # keep KV only for the rows that run this block
                 rows = g.nonzero().squeeze(-1)
@@ -210,24 +199,70 @@ class LayerRoute(nn.Module):
             cache.len += T
         if logits_at is not None:
             h = h[logits_at]
-        return base.lm_head(base.norm(h))
+        h = base.norm(h)
+        return h if return_hidden else base.lm_head(h)
+
+    def train_forward(self, ids: torch.Tensor, prompt_lens: torch.Tensor, target_idx: torch.Tensor,
+                      targets: torch.Tensor, fixed: bool = False, keep_inputs: bool = False):
+        """One training pass: (token losses (N,) in nats, scores (B, L), gates (B, L), block inputs or None).
+
+        target_idx (N,): flat positions b * T + t, ascending, whose next token targets (N,) are scored.
+        fixed=False runs forward() (the straight-through gate computes every block, measured gates only
+        the open ones); fixed=True computes every block for every row, its output kept by the gate,
+        with no host synchronisation: the same values, and shapes that do not depend on any gate.
+        keep_inputs keeps each block's input h, which flip_losses reruns from.
+        """
+        if not fixed:
+            self.block_inputs = [] if keep_inputs else None
+            at = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device).index_fill_(0, target_idx, True)
+            h = self(ids, prompt_lens, logits_at=at.view(ids.shape), return_hidden=True)
+            losses = F.cross_entropy(self.base.lm_head(h).float(), targets, reduction="none")
+            return losses, self.last_scores, self.last_gates, self.block_inputs
+        base = self.base
+        h = base.embed_tokens(ids)  # (B, T, d)
+        cos, sin = base.rope(0, ids.shape[1], ids.device, h.dtype)
+        inputs, scores, gates = [], [], []
+        for i, block in enumerate(base.layers):
+            if keep_inputs:
+                inputs.append(h.detach())
+            h, s, g = self.routed_block(block, self.routers[i], h, cos, sin, prompt_lens, self.pooling,
+                                        self.threshold, self.open_gates, self.straight_through)
+            scores.append(s)
+            gates.append(g)
+        losses = self.target_loss(base.norm, base.lm_head, h, target_idx, targets)
+        self.last_scores, self.last_gates = torch.stack(scores, 1), torch.stack(gates, 1).detach()
+        return losses, self.last_scores, self.last_gates, inputs if keep_inputs else None
 
     @torch.no_grad()
-    def flip_losses(self, k: int, logits_at: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Each row's mean target loss (nats/token) had block k's gate been the other way in the
-        last forward, every other gate unchanged: blocks k.. rerun from the kept input of block k.
+    def flip_losses(self, k: int, inputs: list[torch.Tensor], gates: torch.Tensor, target_idx: torch.Tensor,
+                    targets: torch.Tensor, target_rows: torch.Tensor, fixed: bool = False) -> torch.Tensor:
+        """Each row's mean target loss (nats/token) had block k's gate been the other way in the pass
+        that gave `inputs` and `gates` (train_forward), every other gate unchanged: blocks k.. rerun
+        from block k's kept input. target_rows (N,): the row of each target (target_idx // T).
 
-        With the last forward's own row losses this measures what skipping block k costs each row,
-        the full nonlinear effect, where the straight-through gradient sees only a first-order guess.
+        With that pass's own row losses this measures what skipping block k costs each row, the full
+        nonlinear effect, where the straight-through gradient sees only a first-order guess.
         """
-        h = self.block_inputs[k]
-        gates = self.last_gates.clone()
+        h = inputs[k]
+        gates = gates.clone()
         gates[:, k] = 1 - gates[:, k]
         cos, sin = self.base.rope(0, h.shape[1], h.device, h.dtype)
         for i in range(k, len(self.base.layers)):
-            h = self.run_block(i, self.base.layers[i], h, gates[:, i], cos, sin, None)
-        logits = self.base.lm_head(self.base.norm(h[logits_at]))
-        return row_means(F.cross_entropy(logits.float(), targets, reduction="none"), logits_at)
+            block = self.base.layers[i]
+            h = self.gated(block, h, gates[:, i], cos, sin) if fixed else \
+                self.run_block(i, block, h, gates[:, i], cos, sin, None)
+        losses = self.target_loss(self.base.norm, self.base.lm_head, h, target_idx, targets)
+        return row_means(losses, target_rows, h.shape[0])
+
+    def compile_training(self, **options):
+        """torch.compile the pieces of the fixed-shape pass: a routed block with its backward, a gated
+        block without gradient (the flips) and the head with its loss. Each compiles once, with a
+        symbolic sequence length, and serves every block: the weights are inputs of the graph."""
+        # fullgraph: a piece that needed the host (.item(), nonzero(), a boolean mask) fails here, loudly
+        options = {"dynamic": True, "fullgraph": True, **options}
+        self.routed_block = torch.compile(routed_block, **options)
+        self.gated = torch.compile(gated, **options)
+        self.target_loss = torch.compile(target_loss, **options)
 
     @staticmethod
     def run_block(i, block, h, g, cos, sin, kv: KVCache | None) -> torch.Tensor:
@@ -243,11 +278,64 @@ class LayerRoute(nn.Module):
         return h.index_copy(0, rows, block(h.index_select(0, rows), cos, sin, kv))
 
 
-def row_means(values: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """Per-row mean of values (N,) given at the positions at (B, T) is True, row-major as h[at]."""
-    rows = at.nonzero()[:, 0]
-    sums = torch.zeros(at.shape[0], device=values.device).index_add_(0, rows, values.float())
-    return sums / at.sum(1).clamp(min=1)
+def router_score(router: nn.Linear, norm: nn.Module, h: torch.Tensor, prompt_lens: torch.Tensor,
+                 pooling: str = "prompt") -> torch.Tensor:
+    """Router score sigmoid(w . pooled + b) for each row: (B,), float32.
+
+    pooled = mean of norm(h) (the block's input_layernorm) over positions 1 <= t < prompt_len (real
+    prompt tokens only, the first one excluded), scaled to unit length. The input is detached: the
+    router reads the residual stream, it does not steer it.
+    """
+    if pooling == "reference":
+        # The authors' recipe, kept only to measure against: the raw stream over every position,
+        # padding and answer included (their batches are padded to max_len).
+        pooled = h.detach().float().mean(1)
+    else:
+        pos = torch.arange(h.shape[1], device=h.device)
+        mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
+        normed = norm(h.detach()).float()
+        pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+        # Unit length: Adam moves each weight by about lr a step, so the score moves by about
+        # lr * |pooled|_1. At unit length that is ~lr * sqrt(d), not ~lr * d: the router
+        # steers instead of flipping every gate at once.
+        pooled = F.normalize(pooled, dim=-1)
+    return torch.sigmoid(F.linear(pooled, router.weight.float(), router.bias.float())).squeeze(-1)
+
+
+def gate_of(s: torch.Tensor, threshold: float, open_gates: bool, straight_through: bool) -> torch.Tensor:
+    """0/1 gates (B,) from scores s: open above the threshold (all open with open_gates)."""
+    hard = torch.ones_like(s) if open_gates else (s > threshold).float()
+    # Straight-through: value = the hard gate, gradient = sigmoid's. The bracket matters:
+    # hard + s - s.detach() would round 1 + s - s to 0.99999994.
+    return hard + (s - s.detach()) if straight_through else hard
+
+
+def gated(block: nn.Module, h: torch.Tensor, g: torch.Tensor, cos, sin) -> torch.Tensor:
+    """The block computed for every row, its output kept where g (B,) is 1: g*f + (1-g)*h is exactly
+    f or h for a 0/1 gate, and its gradient with respect to g is the straight-through one."""
+    g3 = g.to(h.dtype)[:, None, None]
+    return g3 * block(h, cos, sin) + (1 - g3) * h
+
+
+def routed_block(block, router, h, cos, sin, prompt_lens, pooling, threshold, open_gates, straight_through):
+    """One block of the fixed-shape pass: its router decides, then gated(). (h, scores, gates)."""
+    s = router_score(router, block.input_layernorm, h, prompt_lens, pooling)
+    g = gate_of(s, threshold, open_gates, straight_through)
+    return gated(block, h, g, cos, sin), s, g
+
+
+def target_loss(norm: nn.Module, head: nn.Module, h: torch.Tensor, target_idx: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (N,) in nats at the flat positions target_idx of h (B, T, d): the head runs there only."""
+    return F.cross_entropy(head(norm(h.flatten(0, 1).index_select(0, target_idx))).float(), targets,
+                           reduction="none")
+
+
+def row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Per-row mean (n_rows,) of values (N,), value j belonging to row rows[j]."""
+    sums = torch.zeros(n_rows, device=values.device).index_add_(0, rows, values.float())
+    counts = torch.zeros(n_rows, device=values.device).index_add_(0, rows, torch.ones(len(rows), device=values.device))
+    return sums / counts.clamp(min=1)
 
 
 def measured_gate_loss(scores: torch.Tensor, cost: torch.Tensor, price: float) -> torch.Tensor:

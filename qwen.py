@@ -158,7 +158,10 @@ class Attention(nn.Module):
         # sees the padding after it, so SDPA can take the flash kernel on CUDA (bf16).
         # A multi-token chunk after a non-empty cache needs an explicit offset causal mask.
         mask = None if past == 0 or T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0 and T > 1, enable_gqa=True)
+        # Without a cache, a plain bool (causal over one token is no mask at all): under torch.compile
+        # with a symbolic T, `T > 1` would be a symbolic bool, which SDPA does not take.
+        causal = cache is None or (past == 0 and T > 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 

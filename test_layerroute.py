@@ -463,13 +463,14 @@ def test_layerroute_flip_losses_equal_a_rerun_with_that_gate_flipped(tmp_path):
     at = torch.arange(10) >= prompt_lens[:, None] - 1  # predict every token after the prompt...
     at[:, -1] = False  # ...the last position has nothing to predict
     targets = ids[:, 1:][at[:, :-1]]
-    model.eval().block_inputs = []
+    target_idx = at.flatten().nonzero().squeeze(1)
+    model.eval()
     with torch.no_grad():
-        model(ids, prompt_lens, logits_at=at)
-    gates = model.last_gates.bool()
+        _, _, g, inputs = model.train_forward(ids, prompt_lens, target_idx, targets, keep_inputs=True)
+    gates = g.bool()
     assert 0 < gates.sum() < gates.numel() and len({tuple(r) for r in gates.tolist()}) > 1
-    for k in range(4):
-        got = model.flip_losses(k, at, targets)
+    for k, fixed in [(k, fixed) for k in range(4) for fixed in (False, True)]:
+        got = model.flip_losses(k, inputs, g, target_idx, targets, target_idx // 10, fixed)
         for b in range(3):
             blocks = [i for i in range(4) if gates[b, i] != (i == k)]  # row b's gates, block k flipped
             with torch.no_grad():
@@ -682,13 +683,14 @@ def test_train_measured_gates_follow_the_price(tmp_path, price, init, skipped, d
     assert skips(log[-1]) == {skipped}, log[-1]
 
 
-@pytest.mark.parametrize("mode,start", [("ste", 1.0), ("measured", 0.03)])
-def test_train_resume_equals_uninterrupted(tmp_path, mode, start):
+@pytest.mark.parametrize("mode,start,step", [("ste", 1.0, "--no-fast"), ("measured", 0.03, "--no-fast"),
+                                             ("measured", 0.03, "--fast")])  # compiled: its own dropout masks
+def test_train_resume_equals_uninterrupted(tmp_path, mode, start, step):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
 
     def run(out, *extra, **kw):
         train.train(train_args(tmp_path, "--steps", "6", "--skip-target", "0.3", "--gate-grad", mode,
-                               "--out", str(out), *extra), **kw)
+                               "--out", str(out), step, *extra), **kw)
     run(whole)
     run(cut, stop_at=3)  # "interrupted"
     assert json.loads((cut / "run.json").read_text())["step"] == 3
@@ -700,6 +702,79 @@ def test_train_resume_equals_uninterrupted(tmp_path, mode, start):
     assert lam[0] == lam[1] != start  # the dual-ascent lambda (or price) moved, and resumed where it was
     with pytest.raises(ValueError, match="--resume: lr"):
         run(cut, "--resume", "--lr", "1")
+def fast_and_eager_steps(tmp_path, mode):
+    """One micro-batch's loss and gradients through train.micro_loss, eager and fixed-shape (compiled)."""
+    if not (tmp_path / "model" / "config.json").exists():
+        write_checkpoint(tmp_path / "model", layers=4)
+        write_tiny_tokenizer(tmp_path / "model")
+        write_tiny_data(tmp_path / "data")
+    out = {}
+    for fast in (False, True):
+        args = train.parse_args(["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"),
+                                 "--device", "cpu", "--max-len", "90", "--batch-size", "4", "--gate-grad", mode,
+                                 "--flips", "3", "--lora-dropout", "0", "--out", str(tmp_path / "run"),
+                                 "--fast" if fast else "--no-fast"])
+        model, _ = train.build(args)
+        model.straight_through = mode == "ste"
+        set_routers(model, [0.0] * 4, weight_std=3.0, seed=15)  # rows get 3 patterns of gates
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
+        if args.compile:
+            model.compile_training()
+        model.train()
+        b = next(train.training_batches(args, model, 0))
+        lam = torch.tensor(0.02 if mode == "measured" else 1.0, dtype=torch.float64)
+        lm, gate, gates, _ = train.micro_loss(model, train.on_device(b, "cpu"), b.n_target, lam, args,
+                                              torch.Generator().manual_seed(0), torch.autocast("cpu", enabled=False))
+        (lm + gate).backward()
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.trainable().items()}
+        out[fast] = lm.item(), gate.item(), gates, grads, b.ids.shape
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ste", "measured"])
+def test_train_fast_step_equals_eager_step(tmp_path, mode):
+    # The fixed-shape step computes every block for every row, keeps it by the gate, runs compiled and pads
+    # rows to 16 tokens; the eager step (measured: closed blocks not computed at all) is the reference.
+    out = fast_and_eager_steps(tmp_path, mode)
+    (lm0, gate0, gates0, grads0, shape0), (lm1, gate1, gates1, grads1, shape1) = out[False], out[True]
+    assert shape1[1] % 16 == 0 and shape1[1] > shape0[1]  # padded: the same loss from more positions
+    assert 0 < gates0.sum() < gates0.numel() and len({tuple(r) for r in gates0.tolist()}) > 1  # mixed gates
+    assert torch.equal(gates0, gates1)
+    assert lm1 == pytest.approx(lm0, rel=1e-6) and gate1 == pytest.approx(gate0, rel=1e-5, abs=1e-7)
+    for n, g in grads0.items():
+        assert torch.allclose(grads1[n], g, rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9), n
+    closed = [i for i in range(4) if gates0[:, i].sum() == 0]  # a block every row skips: its LoRA learns nothing
+    assert closed and all(grads1[n].abs().max() == 0 for n in grads1 if any(f"layers.{i}." in n for i in closed))
+    if mode == "ste":
+        assert all(g.abs().sum() > 0 for n, g in grads0.items() if n.startswith("routers."))
+    else:  # measured: a router learns from its flips only, and some of the three flipped blocks moved
+        assert sum(g.abs().sum() > 0 for n, g in grads0.items() if n.startswith("routers.")) >= 2
+
+
+def test_train_fixed_shape_pass_compiles_as_one_graph(tmp_path):
+    # fullgraph=True fails on anything that waits for the device (.item(), nonzero(), a boolean mask):
+    # the whole fixed-shape pass and a flip rerun trace as single graphs, so neither syncs with the host.
+    _, model = tiny_routed(tmp_path, dropout=0.0)
+    set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)
+    ids, lens = torch.randint(3, 300, (3, 16)), torch.tensor([5, 9, 12])
+    target_idx = torch.tensor([5, 6, 7, 25, 26, 41, 42, 43, 44])
+    targets, rows = ids.flatten()[target_idx + 1], target_idx // 16
+    model.train()
+
+    def fixed_pass(ids, lens):
+        losses, scores, gates, inputs = model.train_forward(ids, lens, target_idx, targets, fixed=True,
+                                                            keep_inputs=True)
+        return losses, scores, gates, model.flip_losses(1, inputs, gates, target_idx, targets, rows, fixed=True)
+    compiled = torch.compile(fixed_pass, fullgraph=True, backend="aot_eager")
+    got, expected = compiled(ids, lens), fixed_pass(ids, lens)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-5)
+    got[0].sum().backward()  # and the backward of the compiled pass runs
+
+
 # ---- end train ----
 
 # ---- eval ----

@@ -41,8 +41,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: bfloat16 "
                    "autocast on CUDA, float32 on CPU)")
     p.add_argument("--steps", type=int, default=3000, help="optimiser steps (0: build, print counts, exit)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimiser step")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (16 x 1: the paper's 16 "
+                   "rows a step, its 4 x 4 in one pass; the loss is per target token of the step either way)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, help="the fixed-shape step: every block "
+                   "computed for every row and kept by its gate, rows padded to --pad-multiple, no host "
+                   "synchronisation inside a step (default: on CUDA; off on CPU, where measured gates then skip "
+                   "closed blocks' compute)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the fixed-shape "
+                   "step's routed block, gated block and loss, once each (default: as --fast; needs --fast)")
+    p.add_argument("--pad-multiple", type=int, help="pad each micro-batch's length to a multiple of this "
+                   "(default: 16 with --fast, 1 without)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of LoRA")
     p.add_argument("--router-lr-mult", type=float, help="router learning rate = lr x this (default: 30 with "
                    "ste, where at 10 the unit-length router closed no gate in 300 steps; 300 with measured, "
@@ -84,9 +93,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the paper's")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--check-syncs", action="store_true", help="CUDA: fail on any host synchronisation inside "
+                   "a step from step 2 on (torch.cuda.set_sync_debug_mode); log lines and saves may wait")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
     args = p.parse_args(argv)
+    args.fast = args.device.startswith("cuda") if args.fast is None else args.fast
+    args.compile = args.fast if args.compile is None else args.compile
+    if args.compile and not args.fast:
+        p.error("--compile needs --fast: the eager step's shapes follow its gates")
+    args.pad_multiple = args.pad_multiple or (16 if args.fast else 1)
     lr_mult, bias = {"ste": (30.0, 1.0), "measured": (300.0, 0.3)}[args.gate_grad]
     args.router_lr_mult = lr_mult if args.router_lr_mult is None else args.router_lr_mult
     args.router_bias = bias if args.router_bias is None else args.router_bias
@@ -131,7 +147,8 @@ def training_batches(args, model, start: int):
     pad = data.pad_id(tok)
     frac = None if args.tool_fraction < 0 else args.tool_fraction
     pad_to = args.max_len if args.pooling == "reference" else None
-    return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start, pad_to=pad_to)
+    return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start, pad_to=pad_to,
+                        pad_multiple=args.pad_multiple)
 
 
 def synthetic_batches(args, vocab: int, start: int):
@@ -191,7 +208,9 @@ def restore(model, opt, args) -> tuple[int, float]:
     moments = load_file(os.path.join(args.out, "optimizer.safetensors"))
     for n, p in model.trainable().items():
         if f"{n}.exp_avg" in moments:
-            opt.state[p] = {"step": moments[f"{n}.step"].reshape(()),
+            # fused AdamW keeps its step count on the parameter's device, the others on the CPU
+            step_device = p.device if opt.defaults["fused"] else "cpu"
+            opt.state[p] = {"step": moments[f"{n}.step"].reshape(()).to(step_device),
                             "exp_avg": moments[f"{n}.exp_avg"].to(p.device),
                             "exp_avg_sq": moments[f"{n}.exp_avg_sq"].to(p.device)}
     return saved["step"], saved["lambda_now"]
@@ -204,22 +223,79 @@ def default_flips(layers: int, micro_batches: int, measurements: int = 60) -> in
     return min(layers, max(2, math.ceil(measurements * layers / micro_batches)))
 
 
-def measured_router_loss(model, token_loss, at, targets, price: float, flips: int, g: torch.Generator, autocast):
+def measured_router_loss(model, x: dict, token_loss, scores, gates, inputs, price, flips: int,
+                         g: torch.Generator, autocast, fixed: bool):
     """Flip `flips` blocks (a fresh draw each micro-batch), measure what closing each costs every row,
     and return the routers' classification loss against the price and the costs (B, flips)."""
     blocks = torch.randperm(len(model.routers), generator=g)[:flips].tolist()
-    now = lr.row_means(token_loss, at)  # (B,) mean nats/token under the gates actually used
+    rows = x["ids"].shape[0]
+    now = lr.row_means(token_loss, x["target_rows"], rows)  # (B,) mean nats/token under the gates actually used
     loss, costs = 0.0, []
     for k in blocks:
         with autocast:  # the rerun in the training pass's precision; the loss below stays float32
-            flipped = model.flip_losses(k, at, targets)
-        open_now = model.last_gates[:, k] > 0
+            flipped = model.flip_losses(k, inputs, gates, x["target_idx"], x["targets"], x["target_rows"], fixed)
+        open_now = gates[:, k] > 0
         # closed minus open, per row. The rerun draws fresh LoRA dropout in blocks k..: on seed 0's trained
         # run two draws differ by 0.002 nats/token on average (max 0.01), a tenth of the 0.02 price.
         cost = torch.where(open_now, flipped - now, now - flipped)
-        loss = loss + lr.measured_gate_loss(model.last_scores[:, k], cost, price)
+        loss = loss + lr.measured_gate_loss(scores[:, k], cost, price)
         costs.append(cost)
     return loss, torch.stack(costs, 1)
+
+
+def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generator, autocast):
+    """One micro-batch's two losses as train() backpropagates them, each already scaled for the step:
+    (LM loss per target token of the step, gate loss, gates (B, L), measured costs (B, flips) or None)."""
+    measured = not model.straight_through
+    with autocast:  # the head and the loss run only where the next token is a target
+        token_loss, scores, gates, inputs = model.train_forward(
+            x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast, keep_inputs=measured)
+    lm = token_loss.sum() / n_target
+    if not measured:
+        return lm, lam * lr.gate_loss(scores) / args.grad_accum, gates, None
+    gate, cost = measured_router_loss(model, x, token_loss.detach(), scores, gates, inputs, lam, args.flips,
+                                      flip_rng, autocast, args.fast)
+    return lm, gate / args.grad_accum, gates, cost
+
+
+def on_device(b, device: str) -> dict:
+    """The batch's tensors on the device, its target positions found on the host first, so that the
+    step never waits for the GPU: target_idx (N,) flat positions b * T + t whose next token is a target,
+    targets (N,), target_rows (N,), kinds (B,) as indices of data.KINDS. Pinned copies run asynchronously."""
+    import data
+    at = F.pad(b.labels[:, 1:] != -100, (0, 1))  # (B, T); labels[t] is what position t-1 predicts
+    target_idx = at.flatten().nonzero().squeeze(1)
+    tensors = {"ids": b.ids, "prompt_lens": b.prompt_lens, "target_idx": target_idx,
+               "targets": b.labels[:, 1:][at[:, :-1]], "target_rows": target_idx // b.ids.shape[1],
+               "kinds": torch.tensor([data.KINDS.index(k) for k in b.kinds])}
+    pin = device.startswith("cuda")
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in tensors.items()}
+
+
+class Window:
+    """Per-kind sums of the metrics between two log lines, kept on the device (no sync per step)."""
+
+    def __init__(self, device: str):
+        import data
+        self.kinds, self.device, self.tokens = data.KINDS, device, 0
+        self.sums, self.counts = {}, {}
+
+    def add(self, name: str, kinds: torch.Tensor, values: torch.Tensor, weight: int = 1):
+        """values (B,): one per row, row b of kind kinds[b]; weight: how many values each one averages."""
+        n = len(self.kinds)
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(n, dtype=torch.float64, device=self.device)
+            self.counts[name] = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.sums[name].index_add_(0, kinds, values.double() * weight)
+        self.counts[name].index_add_(0, kinds, torch.full_like(values, weight, dtype=torch.float64))
+
+    def percents(self) -> dict:
+        """{f"{name}_{kind}": mean in %} for every kind seen: the one read of these sums."""
+        out = {}
+        for name in sorted(self.sums):
+            sums, counts = self.sums[name].tolist(), self.counts[name].tolist()
+            out.update({f"{name}_{k}": 100 * s / c for k, s, c in zip(self.kinds, sums, counts) if c})
+        return out
 
 
 def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute:
@@ -239,72 +315,77 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
         print(f"measured costs: {args.flips} blocks flipped per micro-batch, each router measured about "
               f"{args.flips * args.steps * args.grad_accum / len(model.routers):,.0f} times", file=sys.stderr)
     model.straight_through = not measured
-    model.block_inputs = [] if measured else None
-    # lam: the regulariser's weight (ste) or the price of a kept block in nats/token (measured)
+    if args.compile:
+        model.compile_training()
+        print("compiling the fixed-shape step: the first step (and the first of each new batch shape, up to "
+              "two) compiles, the rest reuse the graphs", file=sys.stderr)
+    # lam: the regulariser's weight (ste) or the price of a kept block in nats/token (measured); a device
+    # tensor, so that dual ascent (--skip-target) moves it without waiting for the GPU
     step, lam = restore(model, opt, args) if args.resume else (0, args.price if measured else args.gate_lambda)
+    lam = torch.tensor(lam, dtype=torch.float64, device=args.device)
     batches = training_batches(args, model, start=step * args.grad_accum)
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     model.train()
-    t_last, tokens, skips, costs = time.time(), 0, {}, {}
+    t_last, t_first = time.time(), None
+    window = Window(args.device)
+    t_start = time.time()
     while step < args.steps:
+        if args.check_syncs and t_first is not None:  # step 1 may compile, and compiling may wait
+            torch.cuda.set_sync_debug_mode("error")
         torch.manual_seed(args.seed * 1_000_003 + step)  # dropout masks depend on the step alone
         flip_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # so do the flipped blocks
         micro = [next(batches) for _ in range(args.grad_accum)]
         n_target = sum(b.n_target for b in micro)  # the loss is per target token of the whole step
-        lm_sum = gate_sum = 0.0
-        closed_now = []  # per row of this step: share of its blocks skipped
+        lm_step = gate_step = closed_step = 0.0  # device tensors after the first micro-batch: read at log lines
         for b in micro:
-            ids, labels = b.ids.to(args.device), b.labels.to(args.device)
-            # labels[t] is the token that position t-1 predicts; prompt and padding are -100.
-            # The head and the loss run only where the next token is a target.
-            at = F.pad(labels[:, 1:] != -100, (0, 1))
-            with autocast:
-                logits = model(ids, b.prompt_lens.to(args.device), logits_at=at)
-            targets = labels[:, 1:][at[:, :-1]]
-            token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-            lm = token_loss.sum() / n_target
+            x = on_device(b, args.device)
+            lm, gate, gates, cost = micro_loss(model, x, n_target, lam, args, flip_rng, autocast)
             if measured:
-                gate, cost = measured_router_loss(model, token_loss.detach(), at, targets, lam, args.flips, flip_rng,
-                                                  autocast)
-                gate = gate / args.grad_accum
-                for kind, c in zip(b.kinds, (cost < lam).float().tolist()):
-                    costs.setdefault(kind, []).extend(c)
-            else:
-                gate = lam * lr.gate_loss(model.last_scores) / args.grad_accum
+                window.add("cheap", x["kinds"], (cost < lam).float().mean(1), args.flips)
             (lm + gate).backward()
-            lm_sum, gate_sum = lm_sum + lm.item(), gate_sum + gate.item()
-            tokens += int(b.ids.numel())
-            closed_now += (1 - model.last_gates).mean(1).tolist()
-            for kind, closed in zip(b.kinds, closed_now[-len(b.kinds):]):
-                skips.setdefault(kind, []).append(closed)
+            closed = (1 - gates).mean(1)  # (B,) share of each row's blocks skipped
+            window.add("skip", x["kinds"], closed)
+            lm_step, gate_step = lm_step + lm.detach(), gate_step + gate.detach()
+            closed_step = closed_step + closed.double().sum() / (len(micro) * len(b.kinds))
+            window.tokens += int(b.ids.numel())
         torch.nn.utils.clip_grad_norm_(list(model.trainable().values()), args.clip)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_at(step, args)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if args.skip_target is not None:  # dual ascent: more pressure while too few blocks close
-            lam = min(1e4, lam * math.exp(args.lambda_rate * (args.skip_target - sum(closed_now) / len(closed_now))))
+            lam = (lam * torch.exp(args.lambda_rate * (args.skip_target - closed_step))).clamp(max=1e4)
         step += 1
+        if args.check_syncs:
+            torch.cuda.set_sync_debug_mode("default")
+        if t_first is None:
+            t_first = time.time() - t_last
+            if args.compile:
+                print(f"step 1 with compilation: {t_first:.1f} s", file=sys.stderr, flush=True)
         if step % args.log_every == 0 or step == args.steps:
-            dt, t_last = time.time() - t_last, time.time()
-            rec = {"step": step, "loss": lm_sum, "gate_loss": gate_sum, "lambda": lam, "lr": opt.param_groups[0]["lr"],
-                   "tok_per_s": tokens / dt, **{f"skip_{k}": 100 * sum(v) / len(v) for k, v in sorted(skips.items())},
-                   **{f"cheap_{k}": 100 * sum(v) / len(v) for k, v in sorted(costs.items())}}
+            dt, t_last = time.time() - t_last, time.time()  # reading the metrics below waits for the GPU once
+            rec = {"step": step, "loss": float(lm_step), "gate_loss": float(gate_step), "lambda": float(lam),
+                   "lr": opt.param_groups[0]["lr"], "tok_per_s": window.tokens / dt,
+                   "elapsed_s": time.time() - t_start, **window.percents()}
             eta = (args.steps - step) * dt / args.log_every
+            kinds = sorted(k[5:] for k in rec if k.startswith("skip_"))
             cheap = " | flips cheaper than the price % " + " ".join(
-                f"{k} {rec['cheap_' + k]:.0f}" for k in sorted(costs)) if costs else ""
-            print(f"step {step}/{args.steps} | lm {lm_sum:.4f} | gate {gate_sum:.4f} | skip % " +
-                  " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in sorted(skips)) + cheap +
+                f"{k} {rec['cheap_' + k]:.0f}" for k in kinds if "cheap_" + k in rec) if measured else ""
+            print(f"step {step}/{args.steps} | lm {rec['loss']:.4f} | gate {rec['gate_loss']:.4f} | skip % " +
+                  " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in kinds) + cheap +
                   f" | {rec['tok_per_s']:,.0f} tok/s | eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            tokens, skips, costs = 0, {}, {}
+            window = Window(args.device)
         if step % args.save_every == 0 or step == args.steps:
-            save(model, opt, args, step, counts, lam)
+            save(model, opt, args, step, counts, float(lam))
         if stop_at is not None and step >= stop_at:
             break
     log.close()
+    if args.compile:
+        stats = torch._dynamo.utils.counters["stats"]
+        print(f"torch.compile: {stats['unique_graphs']} graphs compiled in this process", file=sys.stderr)
     return model
 
 

@@ -103,7 +103,8 @@ def main():
     p.add_argument("--gen-n", type=int, default=20, help="steps of --kind to generate for exact match (0: none)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     ours, rest = p.parse_known_args()
-    args = train.parse_args(["--gate-grad", "ste", *rest])  # fixed gates: no router learns; as measured in README
+    args = train.parse_args(["--gate-grad", "ste", *rest, "--no-fast"])  # fixed gates: no router learns; the eager
+    # step, whose forward the patch replaces (the fixed-shape step would not see the fixed gates)
     if ours.threads:
         torch.set_num_threads(ours.threads)
     skip = {int(x) for x in ours.skip.split(",") if x.strip()}

@@ -73,7 +73,7 @@ def build_ours(args, dtype):
     return forward, list(model.trainable().values())
 
 
-def build_theirs(args, dtype):
+def build_theirs(args, dtype, compiled: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
     hf = Qwen2ForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(args.device)
@@ -84,10 +84,11 @@ def build_theirs(args, dtype):
     for i in range(len(layers)):  # routers are added after peft froze the backbone: they train
         layers[i] = RoutedLayer(layers[i], hf.config.hidden_size, state)
     hf.train()
+    run = torch.compile(hf) if compiled else hf  # compiled: what a transformers user can do in one line
 
     def forward(ids, labels, prompt_lens):
         state["prompt_lens"], state["scores"] = prompt_lens, []
-        logits = hf(input_ids=ids, use_cache=False).logits  # (B, T, vocab), every position
+        logits = run(input_ids=ids, use_cache=False).logits  # (B, T, vocab), every position
         return logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), torch.stack(state["scores"], 1)
     return forward, [p for p in hf.parameters() if p.requires_grad]
 

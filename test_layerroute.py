@@ -645,8 +645,8 @@ def test_lora_alpha_follows_the_rank():
 def test_default_flips_measure_each_router_about_60_times():
     # The CPU budget: 30 layers, 300 micro-batches: 60 * 30 / 300 = 6 flips, 6 * 300 / 30 = 60 each.
     assert train.default_flips(30, 300) == 6
-    # The paper's scale: 24 layers, 3,000 steps x 4: 0.12 rounds up to 1, the floor is 2 (1,000 each).
-    assert train.default_flips(24, 12_000) == 2
+    # The paper's scale: 24 layers, 3,000 steps of one pass: 0.48 rounds up to 1, the floor is 2 (250 each).
+    assert train.default_flips(24, 3_000) == 2
     assert train.default_flips(2, 10) == 2  # never more blocks than the model has
     assert train.default_flips(30, 301) == 6 and train.default_flips(30, 299) == 7  # rounded up, never under 60
 

@@ -219,7 +219,7 @@ def restore(model, opt, args) -> tuple[int, float]:
 def default_flips(layers: int, micro_batches: int, measurements: int = 60) -> int:
     """Blocks to flip per micro-batch so that each router is measured about `measurements` times over the
     run. Two measured each router ~20 times in 300 steps, too few to settle (README: "How the defaults were
-    chosen"); at the paper's 3,000 x 4 micro-batches two already measure each ~1,000 times."""
+    chosen"); at the paper's 3,000 steps of one micro-batch two already measure each ~250 times."""
     return min(layers, max(2, math.ceil(measurements * layers / micro_batches)))
 
 
@@ -280,14 +280,14 @@ class Window:
         self.kinds, self.device, self.tokens = data.KINDS, device, 0
         self.sums, self.counts = {}, {}
 
-    def add(self, name: str, kinds: torch.Tensor, values: torch.Tensor, weight: int = 1):
-        """values (B,): one per row, row b of kind kinds[b]; weight: how many values each one averages."""
+    def add(self, name: str, kinds: torch.Tensor, totals: torch.Tensor, count: int = 1):
+        """totals (B,): row b's sum of `count` values, row b of kind kinds[b]."""
         n = len(self.kinds)
         if name not in self.sums:
             self.sums[name] = torch.zeros(n, dtype=torch.float64, device=self.device)
             self.counts[name] = torch.zeros(n, dtype=torch.float64, device=self.device)
-        self.sums[name].index_add_(0, kinds, values.double() * weight)
-        self.counts[name].index_add_(0, kinds, torch.full_like(values, weight, dtype=torch.float64))
+        self.sums[name].index_add_(0, kinds, totals.double())
+        self.counts[name].index_add_(0, kinds, torch.full_like(totals, count, dtype=torch.float64))
 
     def percents(self) -> dict:
         """{f"{name}_{kind}": mean in %} for every kind seen: the one read of these sums."""
@@ -317,8 +317,8 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
     model.straight_through = not measured
     if args.compile:
         model.compile_training()
-        print("compiling the fixed-shape step: the first step (and the first of each new batch shape, up to "
-              "two) compiles, the rest reuse the graphs", file=sys.stderr)
+        print("compiling the fixed-shape step: the first step compiles its graphs (a symbolic length), "
+              "every later step and block reuses them", file=sys.stderr)
     # lam: the regulariser's weight (ste) or the price of a kept block in nats/token (measured); a device
     # tensor, so that dual ascent (--skip-target) moves it without waiting for the GPU
     step, lam = restore(model, opt, args) if args.resume else (0, args.price if measured else args.gate_lambda)
@@ -327,9 +327,8 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     model.train()
-    t_last, t_first = time.time(), None
-    window = Window(args.device)
-    t_start = time.time()
+    t_start = t_last = time.time()
+    t_first, window = None, Window(args.device)
     while step < args.steps:
         if args.check_syncs and t_first is not None:  # step 1 may compile, and compiling may wait
             torch.cuda.set_sync_debug_mode("error")
@@ -342,7 +341,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             x = on_device(b, args.device)
             lm, gate, gates, cost = micro_loss(model, x, n_target, lam, args, flip_rng, autocast)
             if measured:
-                window.add("cheap", x["kinds"], (cost < lam).float().mean(1), args.flips)
+                window.add("cheap", x["kinds"], (cost < lam).float().sum(1), args.flips)
             (lm + gate).backward()
             closed = (1 - gates).mean(1)  # (B,) share of each row's blocks skipped
             window.add("skip", x["kinds"], closed)

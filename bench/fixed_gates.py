@@ -9,7 +9,7 @@ eval.py's sample), with the fixed gates and with every block on, and the greedy 
 train.py is patched from outside for the run (two functions, restored after): it stays the method.
 
     python bench/fixed_gates.py --skip 3,5,7,12,14,25 --model DIR --data-dir ../shared/data \
-        --device cpu --steps 300 --max-len 256 --grad-accum 1 --seed 0 --out runs/fixed6
+        --device cpu --steps 300 --max-len 256 --batch-size 4 --grad-accum 1 --seed 0 --out runs/fixed6
     python bench/fixed_gates.py --skip "" ... --out runs/lora0          # LoRA alone, nothing skipped
     python bench/fixed_gates.py --eval-only --skip 3,5,7,12,14,25 --out runs/lora0 --data-dir ../shared/data
 """

@@ -29,15 +29,6 @@ import layerroute as lr  # noqa: E402
 import qwen  # noqa: E402
 
 
-def pooled_score(router: nn.Linear, norm: nn.Module, h: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
-    """sigmoid(router(unit-length mean of norm(h) over positions 1..prompt_len-1)): (B,) float32, as layerroute.route."""
-    pos = torch.arange(h.shape[1], device=h.device)
-    mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
-    normed = norm(h.detach()).float()
-    pooled = F.normalize((normed * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)  # (B, d), unit length
-    return torch.sigmoid(F.linear(pooled, router.weight.float(), router.bias.float())).squeeze(-1)
-
-
 class RoutedLayer(nn.Module):
     """An HF decoder layer behind a straight-through gate: h + g * (layer(h) - h)."""
 
@@ -50,7 +41,7 @@ class RoutedLayer(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         h = hidden_states
-        s = pooled_score(self.router, self.layer.input_layernorm, h, self.state["prompt_lens"])
+        s = lr.router_score(self.router, self.layer.input_layernorm, h, self.state["prompt_lens"])  # as ours
         g = (s > 0.5).float() + (s - s.detach())  # value: hard gate; gradient: sigmoid's
         self.state["scores"].append(s)
         return h + g.to(h.dtype)[:, None, None] * (self.layer(h, *args, **kwargs) - h)

@@ -41,9 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: bfloat16 "
                    "autocast on CUDA, float32 on CPU)")
     p.add_argument("--steps", type=int, default=3000, help="optimiser steps (0: build, print counts, exit)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (16 x 1: the paper's 16 "
-                   "rows a step, its 4 x 4 in one pass; the loss is per target token of the step either way)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default 16; 16 x 1: the "
+                   "paper's 16 rows a step, its 4 x 4 in one pass; the loss is per target token of the step either way)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, help="the fixed-shape step: every block "
                    "computed for every row and kept by its gate, rows padded to --pad-multiple, no host "
                    "synchronisation inside a step (default: on CUDA; off on CPU, where measured gates then skip "

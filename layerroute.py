@@ -161,7 +161,7 @@ class LayerRoute(nn.Module):
         the prompt (a generation prefill). With a cache past its prefill, the stored gates are used.
         logits_at (B, T) bool: the LM head runs at those positions only, giving (N, vocab) in
         row-major order. Training scores targets only, and the head is the biggest single matmul.
-        return_hidden: the final norm's output instead of logits (the caller applies the head).
+        return_hidden: the last block's output h (B, T, d) instead of logits (for target_loss).
         """
         B, T = ids.shape
         base, cfg = self.base, self.base.cfg
@@ -197,10 +197,11 @@ class LayerRoute(nn.Module):
         if cache is not None:
             cache.gates = self.last_gates if prefill else cache.gates
             cache.len += T
+        if return_hidden:
+            return h
         if logits_at is not None:
             h = h[logits_at]
-        h = base.norm(h)
-        return h if return_hidden else base.lm_head(h)
+        return base.lm_head(base.norm(h))
 
     def train_forward(self, ids: torch.Tensor, prompt_lens: torch.Tensor, target_idx: torch.Tensor,
                       targets: torch.Tensor, fixed: bool = False, keep_inputs: bool = False):
@@ -214,9 +215,8 @@ class LayerRoute(nn.Module):
         """
         if not fixed:
             self.block_inputs = [] if keep_inputs else None
-            at = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device).index_fill_(0, target_idx, True)
-            h = self(ids, prompt_lens, logits_at=at.view(ids.shape), return_hidden=True)
-            losses = F.cross_entropy(self.base.lm_head(h).float(), targets, reduction="none")
+            h = self(ids, prompt_lens, return_hidden=True)
+            losses = self.target_loss(self.base.norm, self.base.lm_head, h, target_idx, targets)
             return losses, self.last_scores, self.last_gates, self.block_inputs
         base = self.base
         h = base.embed_tokens(ids)  # (B, T, d)

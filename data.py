@@ -45,6 +45,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+import qwen
+
 KINDS = ("tool_call", "planning", "reply")
 SPLITS = ("train", "val", "test")
 PLANNING_SOURCES = ("gsm8k", "turing")
@@ -532,7 +534,8 @@ def epoch_plan(kinds: list[str], lengths: list[int], batch_size: int, seed: int,
     """Rows of each batch of one epoch, a function of (seed, epoch) only. An epoch has len(kinds)
     rows. tool_fraction = share of tool_call rows; planning and reply rows fill the rest in their
     natural ratio (the paper's mix is about half tool calls). None, or a missing side, keeps the
-    natural mix, where the 193 tool calls of ../shared/data would be 2% of the rows."""
+    natural mix, in which tool calls can be a small minority of the rows (the real data's counts:
+    results/README.md, "How the defaults were chosen")."""
     rng = np.random.default_rng([seed, epoch])
     tool = [i for i, k in enumerate(kinds) if k == "tool_call"]
     plan = [i for i, k in enumerate(kinds) if k != "tool_call"]
@@ -569,14 +572,6 @@ def batches(encoded: list[tuple[list[int], list[int], str]], batch_size: int, ma
 
 
 # ---- summary CLI ----
-
-def load_tokenizer(path: str | None = None):
-    from tokenizers import Tokenizer
-    if path is None:
-        from huggingface_hub import hf_hub_download
-        path = hf_hub_download("Qwen/Qwen2.5-0.5B-Instruct", "tokenizer.json")
-    return Tokenizer.from_file(path)
-
 
 def token_stats(steps: list[Step], tokenizer, max_len: int, batch_size: int = 4) -> dict:
     """Length percentiles per kind; for one training epoch, its mix of kinds and the padding our
@@ -630,16 +625,17 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Load the agentic data and print what it holds.")
-    ap.add_argument("--data-dir", help="read local files (recognised by shape) instead of the hub")
-    ap.add_argument("--cache-dir", help="huggingface_hub cache for the downloads")
-    ap.add_argument("--tokenizer", help="tokenizer.json (default: Qwen2.5-0.5B-Instruct's, hub)")
+    ap = argparse.ArgumentParser(description="Load the agentic data and print what it holds.",
+                                 formatter_class=qwen.ShowDefaults)
+    ap.add_argument("--data-dir", help="read local files (recognised by shape; default: download the four sources)")
+    ap.add_argument("--cache-dir", help="huggingface_hub cache for the downloads (default: its own, HF_HOME)")
+    ap.add_argument("--tokenizer", default="Qwen/Qwen2.5-0.5B-Instruct", help="tokenizer.json, model folder or hub id")
     ap.add_argument("--max-len", type=int, default=512, help="training length, for the padding figure")
     ap.add_argument("--max-records", type=int, default=MAX_RECORDS, help="records kept per source")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = ap.parse_args(argv)
     steps, summary = load_steps(args.data_dir, args.cache_dir, args.max_records)
-    summary.update(token_stats(steps, load_tokenizer(args.tokenizer), args.max_len))
+    summary.update(token_stats(steps, qwen.load_tokenizer(args.tokenizer), args.max_len))
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

@@ -1,7 +1,7 @@
 """Evaluate a trained LayerRoute run: every number the paper reports, and the ones it left out.
 
-    python eval.py --run runs/layerroute                      # test split -> DIR/report.json + plots
-    python eval.py --run DIR --data-dir ../shared/data --n 200 --gen-n 20 --split all
+    python eval.py --run runs/layerroute                      # test split -> RUN/report.json + plots
+    python eval.py --run RUN --data-dir FOLDER --n 200 --gen-n 20 --split all
     python eval.py --runs runs/seed0 runs/seed1 runs/seed2    # mean +- std over seeds
 
 Per step type (tool_call, planning, and reply when the data has it), from one teacher-forced pass
@@ -79,7 +79,7 @@ def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[in
     """Per example (prompt_ids, target_ids, kind): target NLL sums under each of modes, and the
     last mode's gates and scores (the routed pass's, with the default modes). Examples are batched
     by length (less padding), results kept in order.
-    pad_to: pad every batch to this length, as training did for the reference recipe (its router
+    pad_to: pad every batch to this length, as training does for the reference recipe (its router
     pools over the padding, so its gates depend on it)."""
     dev = model.base.embed_tokens.weight.device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
@@ -168,7 +168,8 @@ def across_types(recs: list[dict], n_boot: int, width: int, seed: int) -> dict:
     score = np.array([np.mean(r["scores"]) for r in recs])  # an example's mean router score
     plen, kind = np.array([r["prompt_len"] for r in recs]), np.array([r["kind"] for r in recs])
     pair = np.isin(kind, PAIR)
-    # Is the gate about length or about type? (the reference code's gate tracked length more)
+    # Is the gate about length or about type? A router that pools padding and answer (the reference code's)
+    # can follow prompt length instead of step type (results/README.md, "The defaults, per seed").
     out = {"gate_length_corr": pearson(score, plen),
            "gate_length_corr_by_type": {k: pearson(score[kind == k], plen[kind == k]) for k in dict.fromkeys(kind.tolist())},
            "gate_type_corr": pearson(score[pair], kind[pair] == "tool_call")}
@@ -189,8 +190,8 @@ def across_types(recs: list[dict], n_boot: int, width: int, seed: int) -> dict:
 
 def ratio_ci(recs: list[dict], n_boot: int, seed: int) -> list[float]:
     """95% percentile interval of one type's routed / LoRA-only perplexity, resampling its steps with
-    replacement (each keeps its own two NLLs and token count). At 11 tool-call steps it says whether
-    a ratio is known to within 5% at all."""
+    replacement (each keeps its own two NLLs and token count). Over few steps, such as a test split's
+    tool calls, it says whether a ratio is known to within 5% at all."""
     rng = np.random.default_rng(seed)
     d = np.array([r["nll"]["routed"] - r["nll"]["lora"] for r in recs])
     n = np.array([r["n_target"] for r in recs])
@@ -239,14 +240,13 @@ def cut_tool_gates(model: lr.LayerRoute, recs: list[dict], tool_prompts: list[li
 
 # ----------------------------------------------------------------------------- task accuracy
 
-CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def parse_calls(text: str) -> list[dict] | None:
     """Every <tool_call> block as {"name", "arguments"}; None if any block is not a JSON call."""
     calls = []
-    for block in CALL_BLOCK.findall(text):
+    for block in data.CALL_RE.findall(text):
         try:
             obj = json.loads(block)
             args = obj["arguments"]
@@ -460,33 +460,50 @@ def print_table(report: dict, out=None):
               f"on {report['settings']['device']} absolute ms are only indicative)", file=out)
 
 
-def plot(report: dict, recs: list[dict], stem: str) -> list[str]:
-    """Per-layer skip rate per type (bars) and gate score vs prompt length (scatter), as PNGs."""
+def plot_name(report: dict) -> str:
+    """The run folder's name and, when it is not the test split, the split."""
+    st = report["settings"]
+    split = "" if st.get("split", "test") == "test" else f" ({st['split']} split)"
+    return os.path.basename(os.path.normpath(st.get("run_dir") or "run")) + split
+
+
+def figures(report: dict, recs: list[dict]) -> dict:
+    """{file suffix: matplotlib figure}: per-layer skip rate per type (bars, 0-100% whatever the data) and
+    gate score vs prompt length (scatter, with the gate threshold)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    name, threshold = plot_name(report), report["settings"]["threshold"]
     types = list(report["types"])
     L = len(report["types"][types[0]]["per_layer_skip_pct"])
-    fig, ax = plt.subplots(figsize=(max(6, L * 0.3), 3.5))
+    bars, ax = plt.subplots(figsize=(max(6, L * 0.3), 3.5))
     w = 0.8 / len(types)
     for k, kind in enumerate(types):
         ax.bar(np.arange(L) + (k - (len(types) - 1) / 2) * w, report["types"][kind]["per_layer_skip_pct"], w, label=kind)
-    ax.set(xlabel="block", ylabel="skipped (% of steps)", title="per-layer skip rate")
+    ax.set(xlabel="block", ylabel="skipped (% of steps)", ylim=(0, 100),
+           title=f"{name}: per-layer skip rate, gate threshold {threshold:g}")
     ax.legend()
-    fig.tight_layout()
-    paths = [stem + "_per_layer.png", stem + "_gate_vs_length.png"]
-    fig.savefig(paths[0], dpi=120)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    bars.tight_layout()
+    scatter, ax = plt.subplots(figsize=(6, 4))
     for kind in types:
         rs = [r for r in recs if r["kind"] == kind]
         ax.scatter([r["prompt_len"] for r in rs], [np.mean(r["scores"]) for r in rs], s=8, alpha=0.6, label=kind)
-    ax.axhline(report["settings"]["threshold"], color="gray", lw=0.5)  # the gate threshold
-    ax.set(xlabel="prompt length (tokens)", ylabel="mean router score over blocks",
-           title=f"gate vs length (r = {fmt(report.get('gate_length_corr'), '+.2f')})")
+    ax.axhline(threshold, color="gray", lw=0.8, ls="--", label=f"gate threshold {threshold:g}")
+    ax.set(xlabel="prompt length (tokens)", ylabel="mean router score over blocks", ylim=(0, 1),
+           title=f"{name}: gate vs length (r = {fmt(report.get('gate_length_corr'), '+.2f')})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close("all")
+    scatter.tight_layout()
+    return {"_per_layer.png": bars, "_gate_vs_length.png": scatter}
+
+
+def plot(report: dict, recs: list[dict], stem: str) -> list[str]:
+    """The figures as PNGs beside the report: their paths."""
+    import matplotlib.pyplot as plt
+    paths = []
+    for suffix, fig in figures(report, recs).items():
+        fig.savefig(stem + suffix, dpi=120)
+        plt.close(fig)
+        paths.append(stem + suffix)
     return paths
 
 
@@ -542,8 +559,9 @@ def read_report(run: str) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate LayerRoute runs (skip rates, FLOPs, perplexity, accuracy, speed).")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate LayerRoute runs (skip rates, FLOPs, perplexity, accuracy, speed).",
+                                formatter_class=qwen.ShowDefaults)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="a run folder written by train.py")
     which.add_argument("--runs", nargs="+", help="several run folders (seeds), each with report.json: aggregate them")
@@ -558,7 +576,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-tokens", type=int, default=64, help="tokens decoded per timed generation")
     p.add_argument("--latency-repeats", type=int, default=3, help="timed repeats per prompt and model")
     p.add_argument("--threshold", type=float, default=0.5, help="a gate opens when its router's score is above "
-                   "this; training used 0.5, lower closes only the surest skips (bench/threshold.py sweeps it)")
+                   "this; training uses 0.5, lower closes only the surest skips (bench/threshold.py sweeps it)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per teacher-forced batch")
     p.add_argument("--max-len", type=int, help="tokens per step, oldest prompt tokens cut (default: the run's)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
@@ -567,17 +585,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
-    p.add_argument("--out", help="report path (default DIR/report.json; with --runs, aggregate.json beside the runs)")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="report path (default: RUN/report.json; with --runs, aggregate.json beside the "
+                   "runs)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    qwen.set_attention_backends()
     if args.runs:
         agg = aggregate([read_report(r) for r in args.runs])
         agg["run_dirs"] = [os.path.abspath(r) for r in args.runs]
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "aggregate.json")
-        lr.atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(agg, indent=1)))
+        lr.write_json(out, agg, indent=1)
         print(f"{agg['runs']} runs; differential > 0 in {agg['differential_positive']}, "
               f"length-matched > 0 in {agg['length_matched_positive']}, cut-matched > 0 in {agg['cut_matched_positive']}")
         for kind, p in agg["answers_pooled"].items():
@@ -602,13 +626,14 @@ def main(argv=None) -> dict:
         raise ValueError(f"{data_dir}: no steps in split '{args.split}'")
     report, recs = evaluate(model, tok, by_kind, args)
     report["settings"] = {**{k: v for k, v in vars(args).items() if k != "runs"}, "data_dir": data_dir,
+                          "run_dir": os.path.abspath(args.run),
                           "device": f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device,
                           "run": {k: run.get(k) for k in ("model", "seed", "step", "steps", "max_len", "gate_grad",
                                                           "gate_lambda", "price", "flips")}}
     report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "n_target", "nll", "gates", "scores")}
                           for r in recs]
     out = args.out or os.path.join(args.run, "report.json")
-    lr.atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1)))
+    lr.write_json(out, report, indent=1)
     pngs = plot(report, recs, os.path.splitext(out)[0])
     print_table(report)
     print(f"wrote {out}, {', '.join(pngs)}", file=sys.stderr)

@@ -16,8 +16,8 @@ Evaluation may lower that threshold (`LayerRoute.threshold`): then only the sure
 - The fixed-shape training pass (`train_forward(..., fixed=True)`, train.py's default on CUDA) computes
   every block for every row and keeps block(h) or h by the gate, in both modes: the same loss and
   gradients, with shapes that never depend on a gate and no host synchronisation, so each piece
-  compiles once (`compile_training`). Closed blocks then cost their FLOPs; on a GPU the step is
-  bound by kernel launches, not by arithmetic, and that pays for them.
+  compiles once (`compile_training`). Closed blocks then cost their FLOPs, traded for a step whose
+  kernels never wait for the host (a GPU step is bound by kernel launches more than by arithmetic).
 Because the prompt's hidden states are causal, teacher-forced scoring and generation see exactly
 the same gates, and no gate ever sees the tokens it is scored on.
 """
@@ -51,8 +51,11 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
         self.enabled = True
+        self.register_buffer("base_weight", None, persistent=False)  # set by merge()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_weight is not None:  # merged: the update is in self.weight, the base kept beside it
+            return F.linear(x, self.weight if self.enabled else self.base_weight, self.bias)
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
@@ -60,9 +63,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold scale * B @ A into the base weight (for inference); the adapter is then off."""
+        """Fold scale * B @ A into the weight, once (inference: one matmul instead of three). The base
+        weight stays beside it, so switching the adapter off still gives the base layer exactly."""
+        if self.base_weight is not None:
+            return
+        self.base_weight = self.weight.detach().clone()
         self.weight += (self.scale * self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype)
-        self.enabled = False
 
 
 # Which Linear layers of a block get an adapter: the paper's attention projections, or every one.
@@ -83,8 +89,8 @@ class RoutedCache:
 class LayerRoute(nn.Module):
     """Wraps a Qwen2: freezes it, adds LoRA and routers, and runs the routed block loop."""
 
-    def __init__(self, base: Qwen2, rank: int = 8, alpha: float = 16.0, dropout: float = 0.05,
-                 router_bias: float | list[float] = 1.0, pooling: str = "prompt", targets: str = "attn"):
+    def __init__(self, base: Qwen2, rank: int = 32, alpha: float = 64.0, dropout: float = 0.05,
+                 router_bias: float | list[float] = 0.3, pooling: str = "prompt", targets: str = "all"):
         super().__init__()
         if pooling not in ("prompt", "reference"):
             raise ValueError(f"pooling={pooling!r}: expected 'prompt' or 'reference'")
@@ -112,9 +118,9 @@ class LayerRoute(nn.Module):
         # A gate opens when its score is above this. Training keeps 0.5 (the straight-through gate and
         # the measured costs assume it); lower at inference closes only the blocks a router is surest of.
         self.threshold = 0.5
-        # False: the gate's gradient is not the straight-through estimate; training then runs only
-        # the open blocks, and the routers learn from measured loss differences (flip_losses).
-        self.straight_through = True
+        # False (measured costs): training runs only the open blocks, and the routers learn from measured
+        # loss differences (flip_losses); True: the paper's straight-through gradient, every block computed.
+        self.straight_through = False
         self.block_inputs: list[torch.Tensor] | None = None  # set to [] to keep each block's input h
         # The pieces of the fixed-shape training pass; compile_training() swaps in compiled ones.
         self.routed_block, self.gated, self.target_loss = routed_block, gated, target_loss
@@ -340,8 +346,8 @@ def row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Te
 
 def measured_gate_loss(scores: torch.Tensor, cost: torch.Tensor, price: float) -> torch.Tensor:
     """The router as a classifier: its score should say whether skipping its block costs this row
-    more than the price (label 1: keep the block) or less (label 0: skip it). Unweighted: a
-    cost-weighted loss let the few costly rows drown the cheap ones, and no gate ever closed."""
+    more than the price (label 1: keep the block) or less (label 0: skip it). Unweighted, so that the
+    many cheap rows count as much as the few costly ones (results/README.md, "How the defaults were chosen")."""
     return F.binary_cross_entropy(scores.float(), (cost > price).float())
 
 
@@ -357,8 +363,7 @@ def save_adapters(model: LayerRoute, folder: str, settings: dict):
     os.makedirs(folder, exist_ok=True)
     tensors = {n: p.detach().float().contiguous().cpu() for n, p in model.trainable().items()}
     atomic_write(os.path.join(folder, "adapters.safetensors"), lambda tmp: save_file(tensors, tmp))
-    atomic_write(os.path.join(folder, "run.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(settings, indent=2, default=str)))
+    write_json(os.path.join(folder, "run.json"), settings)
 
 
 def load_adapters(model: LayerRoute, path: str):
@@ -380,6 +385,14 @@ def atomic_write(path: str, write):
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path: str, obj, indent: int = 2):
+    """obj as JSON, atomically (atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, default=str)
+    atomic_write(path, write)
 
 
 def load_run(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32):

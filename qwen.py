@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -23,10 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-# SDPA never takes cuDNN's attention (process-wide, once: no cost per call). It is SDPA's first
-# choice on an H100 (seen in a profile of torch 2.11) and builds a plan for every new shape, and
-# our batches change length every step. Flash, memory-efficient and plain attention remain.
-torch.backends.cuda.enable_cudnn_sdp(False)
+
+def set_attention_backends():
+    """Process-wide, called by each entry point: SDPA never takes cuDNN's attention, which builds a plan
+    for every new shape while our batches change length every step. Flash, memory-efficient and plain
+    attention remain (results/README.md, "Speed, before the fixed-shape training step")."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
 
 # ----------------------------------------------------------------------------- config
 
@@ -302,9 +304,18 @@ def random_model(cfg: QwenConfig, device: str = "cpu", dtype: torch.dtype = torc
     return net.to(device=device, dtype=dtype).eval()
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(source: str):
+    """The tokenizer of a model folder or hub id, or a tokenizer.json path (a hub id fetches only that file)."""
     from tokenizers import Tokenizer
-    path = os.path.join(resolve(model), "tokenizer.json")
+    if os.path.isfile(source):
+        path = source
+    elif os.path.isdir(source):
+        path = os.path.join(source, "tokenizer.json")
+    elif source.startswith((".", "/")) or source.endswith(".json"):
+        raise FileNotFoundError(f"{source}: no such tokenizer.json or model folder")
+    else:
+        from huggingface_hub import hf_hub_download  # honours HF_HOME, HF_HUB_OFFLINE and its cache
+        path = hf_hub_download(source, "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing (the tokenizer is read from tokenizer.json)")
     return Tokenizer.from_file(path)
@@ -361,19 +372,32 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, stop: set
     return out
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help states every default: its value, or the rule that sets it when the help already says one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def chatml(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def main():
-    p = argparse.ArgumentParser(description="Greedy continuation of a prompt with the Qwen2 decoder.")
-    p.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct)")
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Greedy continuation of a prompt with the Qwen2 decoder.",
+                                formatter_class=ShowDefaults)
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
     p.add_argument("--prompt", required=True, help="raw prompt text (see --chat)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    set_attention_backends()
     t0 = time.time()
     model = load_model(args.model, args.device, getattr(torch, args.dtype))
     tok = load_tokenizer(args.model)

@@ -4,9 +4,11 @@ The decoder is compared with transformers' Qwen2ForCausalLM on tiny random check
 here in the official layout; data fixtures are written here in each source's native format.
 Nothing is downloaded. Run: python -m pytest -q test_layerroute.py
 """
+import inspect
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -394,15 +396,18 @@ def test_layerroute_counts_on_qwen25_config():
     cfg = qwen.QwenConfig(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                           num_key_value_heads=2, vocab_size=151936)
     with torch.device("meta"):
-        c = lr.LayerRoute(qwen.Qwen2(cfg)).counts()
+        c = lr.LayerRoute(qwen.Qwen2(cfg), rank=8, alpha=16, targets="attn").counts()
     # LoRA r=8 per block: q 8*(896+896) + k 8*(896+128) + v 8*(896+128) + o 8*(896+896) = 45,056
     assert c["lora"] == 24 * 45_056 == 1_081_344
     assert c["routers"] == 24 * (896 + 1) == 21_528
     assert c["trainable"] == 1_102_872
     with torch.device("meta"):
-        c = lr.LayerRoute(qwen.Qwen2(cfg), targets="all").counts()
+        c = lr.LayerRoute(qwen.Qwen2(cfg), rank=8, alpha=16, targets="all").counts()
     # plus the MLP: gate and up 8*(896+4864) each, down 8*(4864+896): 138,240 per block
     assert c["lora"] == 24 * (45_056 + 138_240) == 4_399_104
+    with torch.device("meta"):
+        c = lr.LayerRoute(qwen.Qwen2(cfg)).counts()  # the defaults: rank 32 on attention and MLP
+    assert c["lora"] == 4 * 4_399_104 and c["trainable"] == 17_617_944
     with pytest.raises(ValueError, match="targets='mlp'"):
         lr.LayerRoute(qwen.Qwen2(cfg), targets="mlp")
 
@@ -484,7 +489,7 @@ def test_layerroute_flip_losses_equal_a_rerun_with_that_gate_flipped(tmp_path):
 
 
 def test_layerroute_gradients_reach_lora_and_routers_only(tmp_path):
-    _, model = tiny_routed(tmp_path)
+    _, model = tiny_routed(tmp_path, targets="attn")
     set_routers(model, [1.0, -1.0, 1.0, -1.0])
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -492,6 +497,7 @@ def test_layerroute_gradients_reach_lora_and_routers_only(tmp_path):
                 p.normal_(std=0.01)
     ids = torch.randint(0, 300, (2, 10))
     model.train()
+    model.straight_through = True  # the paper's gradient: every block computed, the gate mixes
     logits = model(ids, torch.tensor([4, 6]))
     (logits.square().mean() + lr.gate_loss(model.last_scores)).backward()
     for n, p in model.named_parameters():
@@ -558,6 +564,30 @@ def test_layerroute_merge_is_w_plus_scaled_ba(tmp_path):
     assert torch.allclose(q(x), before, atol=1e-5)
 
 
+def test_layerroute_merged_model_keeps_lora_once_and_base_as_base(tmp_path):
+    base, model = tiny_routed(tmp_path, dropout=0.0)
+    set_routers(model, [1.0, -1.0, 1.0, 1.0])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    model.eval()
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        lora, base_logits = model(ids), base(ids)
+        for m in model.modules():
+            if isinstance(m, lr.LoRALinear):
+                m.merge()
+                m.merge()  # a second merge changes nothing
+        assert (model(ids) - lora).abs().max() <= 1e-4
+        model.lora(False)
+        model.open_gates = True
+        assert torch.equal(model(ids), base_logits)  # base is base: not a trace of the adapter
+        model.lora(True)
+        model.open_gates = False
+        assert (model(ids) - lora).abs().max() <= 1e-4  # switched back on: applied once, not twice
+
+
 def test_layerroute_adapters_round_trip(tmp_path):
     _, model = tiny_routed(tmp_path / "m")
     set_routers(model, [0.5, -0.5, 1.0, 2.0], weight_std=1.0)
@@ -595,6 +625,14 @@ def write_tiny_tokenizer(folder):
     tok.add_special_tokens(SPECIAL)
     tok.save(str(folder / "tokenizer.json"))
     return tok
+
+
+def test_one_tokenizer_loader_for_a_file_a_folder_or_a_name(tmp_path):
+    tok = write_tiny_tokenizer(tmp_path)
+    for source in (str(tmp_path / "tokenizer.json"), str(tmp_path)):
+        assert qwen.load_tokenizer(source).encode("hi <|im_end|>").ids == tok.encode("hi <|im_end|>").ids
+    with pytest.raises(FileNotFoundError, match="nowhere/tokenizer.json"):
+        qwen.load_tokenizer(str(tmp_path / "nowhere" / "tokenizer.json"))
 
 
 def write_tiny_data(folder, n_math=40, n_tool=20):
@@ -643,12 +681,72 @@ def test_lora_alpha_follows_the_rank():
 
 
 def test_default_flips_measure_each_router_about_60_times():
-    # The issue's CPU budget: 30 layers, 300 micro-batches: 60 * 30 / 300 = 6 flips, 6 * 300 / 30 = 60 each.
+    # The CPU budget: 30 layers, 300 micro-batches: 60 * 30 / 300 = 6 flips, 6 * 300 / 30 = 60 each.
     assert train.default_flips(30, 300) == 6
     # The paper's scale: 24 layers, 3,000 steps of one pass: 0.48 rounds up to 1, the floor is 2 (250 each).
     assert train.default_flips(24, 3_000) == 2
     assert train.default_flips(2, 10) == 2  # never more blocks than the model has
-    assert train.default_flips(30, 301) == 6 and train.default_flips(30, 299) == 7  # rounded up, never under 60
+    assert train.default_flips(10, 200) == 3 and train.default_flips(10, 199) == 4  # rounded up, never under 60
+    # A short trial run measures each router fewer times instead of rerunning every block.
+    assert train.default_flips(30, 4) == train.default_flips(30, 299) == train.MAX_DEFAULT_FLIPS == 6
+
+
+def qwen25_on_meta():
+    with torch.device("meta"):
+        return qwen.Qwen2(qwen.QwenConfig.from_json(os.path.join(os.path.dirname(__file__), "configs",
+                                                                 "qwen2.5-0.5b-instruct.json")))
+
+
+@pytest.mark.parametrize("recipe,expected", [
+    ("layerroute", dict(gate_grad="measured", lora_rank=32, lora_alpha=64.0, lora_targets="all", pooling="prompt",
+                        router_init="neutral", router_lr_mult=300.0, router_bias=0.3, trainable=17_617_944)),
+    # the paper's count: LoRA r 8 on q/k/v/o 1,081,344 + 24 routers of 896 + 1
+    ("paper", dict(gate_grad="ste", lora_rank=8, lora_alpha=16.0, lora_targets="attn", pooling="prompt",
+                   router_init="neutral", router_lr_mult=30.0, router_bias=1.0, trainable=1_102_872)),
+    ("reference", dict(gate_grad="ste", lora_rank=8, lora_alpha=16.0, lora_targets="attn", pooling="reference",
+                       router_init="band", router_lr_mult=30.0, router_bias=1.0, trainable=1_102_872))])
+def test_recipes_set_their_defaults_and_each_flag_overrides(recipe, expected):
+    args = train.parse_args(["--recipe", recipe])
+    trainable = expected.pop("trainable")
+    assert {k: getattr(args, k) for k in expected} == expected
+    model = train.wrap(qwen25_on_meta(), args)
+    assert model.counts()["trainable"] == trainable
+    assert model.straight_through == (expected["gate_grad"] == "ste")
+    biases = [r.bias.item() for r in train.wrap(qwen.Qwen2(qwen.QwenConfig(**{
+        k: v for k, v in tiny_config(layers=6).items() if k in {"hidden_size", "intermediate_size",
+        "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"}})), args).routers]
+    closed = [-1.0] * 2 if recipe == "reference" else [1.0] * 2  # band: the middle third starts closed
+    assert biases == pytest.approx([1.0, 1.0, *closed, 1.0, 1.0] if expected["gate_grad"] == "ste" else [0.3] * 6)
+    over = train.parse_args(["--recipe", recipe, "--lora-rank", "4", "--gate-grad", "measured", "--pooling", "prompt"])
+    assert (over.lora_rank, over.lora_alpha, over.gate_grad, over.router_lr_mult, over.pooling) == \
+        (4, 8.0, "measured", 300.0, "prompt")
+    assert over.lora_targets == expected["lora_targets"] and over.router_init == expected["router_init"]
+
+
+def test_layerroute_defaults_are_the_default_recipe():
+    args = train.parse_args([])
+    assert args.recipe == "layerroute"
+    defaults = {k: p.default for k, p in inspect.signature(lr.LayerRoute).parameters.items() if k != "base"}
+    assert defaults == dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                            router_bias=args.router_bias, pooling=args.pooling, targets=args.lora_targets)
+    assert lr.LayerRoute(qwen25_on_meta()).straight_through == (args.gate_grad == "ste")
+
+
+@pytest.mark.parametrize("module", ["train", "eval", "data", "qwen"])
+def test_help_shows_every_default(module, capsys, monkeypatch):
+    """Every flag's help gives its default, or the rule that sets it, as it will be used."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag (or two, where its name is long)
+    mod = {"train": train, "eval": ev, "data": data, "qwen": qwen}[module]
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    text = capsys.readouterr().out.split("options:")[1]
+    blocks = re.split(r"\n  (?=-)", text)[1:]
+    assert len(blocks) >= {"train": 34, "eval": 20, "data": 7, "qwen": 7}[module]
+    switches = ("--help", "--resume", "--check-syncs", "--json", "--chat", "--run ", "--runs", "--prompt")
+    for block in blocks:
+        if block.startswith("-h") or block.startswith(switches):
+            continue  # off unless given, or required
+        assert "default" in block, f"{module}: {block}"
 
 
 @pytest.mark.parametrize("mode", ["measured", "ste"])
@@ -827,9 +925,10 @@ def test_eval_skips_and_perplexities_match_a_direct_computation(tmp_path, one_th
     merged = qwen.load_model(str(tmp_path))
     with torch.no_grad():
         for blk, mine in zip(merged.layers, model.base.layers):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                lo = getattr(mine.self_attn, name)
-                getattr(blk.self_attn, name).weight += lo.scale * lo.lora_B @ lo.lora_A
+            for part, names in lr.LORA_TARGETS["all"]:
+                for name in names:
+                    lo = getattr(getattr(mine, part), name)
+                    getattr(getattr(blk, part), name).weight += lo.scale * lo.lora_B @ lo.lora_A
 
     def nll(net, p, t, blocks):
         ids = torch.tensor([p + t])
@@ -970,4 +1069,12 @@ def test_eval_cli_end_to_end(tmp_path, capsys, one_thread):
     assert (tmp_path / "run" / "report_per_layer.png").exists() and (tmp_path / "run" / "report_gate_vs_length.png").exists()
     printed = capsys.readouterr().out
     assert "skip differential" in printed and "tool_call: routed / LoRA-only perplexity x" in printed
+    # The figures say which run and threshold they show; skip rates on a 0-100% axis, whatever the data.
+    rep["settings"]["threshold"] = 0.3
+    figs = ev.figures(rep, [{"kind": k, "prompt_len": 5, "scores": [0.2, 0.9]} for k in rep["types"]])
+    bars, scatter = (f.axes[0] for f in figs.values())
+    assert bars.get_ylim() == (0, 100) and scatter.get_ylim() == (0, 1)
+    assert bars.get_title().startswith("run (all split): ") and "threshold 0.3" in bars.get_title()
+    assert scatter.get_title().startswith("run (all split): ")
+    assert "gate threshold 0.3" in [t.get_text() for t in scatter.get_legend().get_texts()]
 # ---- end eval ----

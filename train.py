@@ -1,14 +1,16 @@
-"""Train LayerRoute (LoRA + routers) on a frozen Qwen2: the paper's setup by default (model, data, LoRA
-targets, schedule), except that routers learn from measured costs (--gate-grad ste is the paper's gradient)
-and LoRA has rank 32 (--lora-rank 8 is the paper's).
+"""Train LayerRoute (LoRA + routers) on a frozen Qwen2. --recipe picks a set of defaults: layerroute (ours:
+routers taught by measured costs, LoRA rank 32 on attention and MLP), paper (the method as the paper
+describes it: straight-through gates, LoRA rank 8 on q/k/v/o) or reference (the authors' code); any flag
+overrides its part, and `--help` shows every default.
 
-    python train.py --steps 3000                          # Qwen2.5-0.5B-Instruct, the four datasets
-    python train.py --model DIR --data-dir ../shared/data --device cpu --steps 300 --max-len 256
-    python train.py --random-init ../shared/configs/qwen2.5-0.5b-instruct.json --steps 300  # timing only
+    python train.py --steps 3000                                   # Qwen2.5-0.5B-Instruct, the four datasets
+    python train.py --recipe paper --steps 3000
+    python train.py --device cpu --steps 300 --max-len 256 --batch-size 4 --out runs/cpu   # a CPU run
+    python train.py --random-init configs/qwen2.5-0.5b-instruct.json --steps 300  # timing, no download
 
-Writes OUT/log.jsonl (one line per logged step), OUT/adapters.safetensors (trainable tensors only),
-OUT/run.json (every setting, so eval.py needs nothing else) and OUT/optimizer.safetensors (for
---resume), all atomically, every --save-every steps and at the end. Resuming continues the same
+Writes OUT/log.jsonl (one line per logged step) and, every --save-every steps and at the end, each
+atomically: OUT/adapters.safetensors (trainable tensors only), OUT/run.json (every setting, so eval.py
+needs nothing else) and OUT/optimizer.safetensors (for --resume). Resuming continues the same
 learning-rate schedule, data order and dropout masks: the result equals an uninterrupted run.
 """
 from __future__ import annotations
@@ -28,12 +30,37 @@ import layerroute as lr
 import qwen
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train LayerRoute: LoRA + per-block routers on a frozen Qwen2.")
+# A recipe is a coherent set of defaults; every flag still overrides its part, and run.json records both.
+RECIPES = {
+    # ours: routers taught by measured costs, LoRA rank 32 on attention and MLP (why: results/README.md,
+    # "The defaults in short")
+    "layerroute": dict(gate_grad="measured", lora_rank=32, lora_targets="all", pooling="prompt", router_init="neutral"),
+    # the method as the paper describes it: straight-through gates, lambda * mean(sigmoid), LoRA r 8 on q/k/v/o
+    "paper": dict(gate_grad="ste", lora_rank=8, lora_targets="attn", pooling="prompt", router_init="neutral"),
+    # the authors' code: the raw stream pooled over the whole padded sequence, the middle third closed at step 0
+    "reference": dict(gate_grad="ste", lora_rank=8, lora_targets="attn", pooling="reference", router_init="band"),
+}
+# What follows from the gate's gradient: a straight-through router gets a gradient every step, a measured
+# one only on the micro-batches that flip its block, so it learns faster; measured costs start near the
+# threshold, as they cannot misprice a block they close.
+GATE_DEFAULTS = {"ste": dict(router_lr_mult=30.0, router_bias=1.0),
+                 "measured": dict(router_lr_mult=300.0, router_bias=0.3)}
+MAX_DEFAULT_FLIPS = 6  # a short trial run must not rerun every block per micro-batch
+
+
+def per_recipe(key: str) -> str:
+    return "default per --recipe: " + ", ".join(f"{name} {r[key]}" for name, r in RECIPES.items())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train LayerRoute: LoRA + per-block routers on a frozen Qwen2.",
+                                formatter_class=qwen.ShowDefaults)
+    p.add_argument("--recipe", choices=list(RECIPES), default="layerroute", help="a set of defaults: layerroute "
+                   "(ours), paper (the method as the paper describes it), reference (the authors' code)")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or checkpoint folder")
     p.add_argument("--random-init", metavar="CONFIG.json", help="random weights of this config's exact shapes "
-                   "and synthetic batches (timing with no download)")
-    p.add_argument("--data-dir", help="read local data files instead of downloading the four sources")
+                   "and synthetic batches, for timing with no download (default: none, --model's weights)")
+    p.add_argument("--data-dir", help="read every data file under this folder (default: download the four sources)")
     p.add_argument("--out", default="runs/layerroute", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last save")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
@@ -41,71 +68,78 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: bfloat16 "
                    "autocast on CUDA, float32 on CPU)")
     p.add_argument("--steps", type=int, default=3000, help="optimiser steps (0: build, print counts, exit)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default 16; 16 x 1: the "
-                   "paper's 16 rows a step, its 4 x 4 in one pass; the loss is per target token of the step either way)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (16 x 1: the paper's 16 "
+                   "rows a step, its 4 x 4 in one pass; the loss is per target token of the step either way)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, help="the fixed-shape step: every block "
                    "computed for every row and kept by its gate, rows padded to --pad-multiple, no host "
-                   "synchronisation inside a step (default: on CUDA; off on CPU, where measured gates then skip "
-                   "closed blocks' compute)")
+                   "synchronisation inside a step (default: on with a cuda --device, off on cpu, where measured "
+                   "gates then skip closed blocks' compute)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the fixed-shape "
                    "step's routed block, gated block and loss, once each (default: as --fast; needs --fast)")
     p.add_argument("--pad-multiple", type=int, help="pad each micro-batch's length to a multiple of this "
                    "(default: 16 with --fast, 1 without)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of LoRA")
-    p.add_argument("--router-lr-mult", type=float, help="router learning rate = lr x this (default: 30 with "
-                   "ste, where at 10 the unit-length router closed no gate in 300 steps; 300 with measured, "
-                   "where a router is updated only on the micro-batches that flip its block)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (oldest prompt tokens cut)")
-    p.add_argument("--gate-grad", choices=["ste", "measured"], default="measured", help="measured (default): "
-                   "each micro-batch reruns --flips blocks with their gate flipped, and those routers learn from "
-                   "the measured loss difference against --price; ste: the paper's straight-through gradient with "
-                   "the regulariser lambda * mean(sigmoid) (README: 'How the defaults were chosen')")
-    p.add_argument("--flips", type=int, help="measured: blocks flipped per micro-batch (each costs a forward "
-                   "pass from that block on, without gradient); default: enough to measure each router about 60 "
-                   "times in the run, at least 2 (6 on 30 layers x 300 micro-batches, 2 at the paper's scale)")
+    p.add_argument("--gate-grad", choices=["ste", "measured"], help="measured: each micro-batch reruns --flips "
+                   "blocks with their gate flipped, and those routers learn from the measured loss difference "
+                   "against --price; ste: the paper's straight-through gradient with the regulariser "
+                   "--gate-lambda * mean(sigmoid) (" + per_recipe("gate_grad") + ")")
+    p.add_argument("--router-lr-mult", type=float, help="router learning rate = --lr x this (default: "
+                   + ", ".join(f"{v['router_lr_mult']:g} with {k}" for k, v in GATE_DEFAULTS.items()) + " gates)")
+    p.add_argument("--flips", type=int, help="measured: blocks flipped per micro-batch, each a forward pass from "
+                   "that block on without gradient (default: enough to measure each router about 60 times in the "
+                   f"run, at least 2 and at most {MAX_DEFAULT_FLIPS})")
     p.add_argument("--price", type=float, default=0.02, help="measured: skip a block where skipping it costs "
-                   "less than this many nats per target token (0.02 with --lora-targets all: README, 'The defaults')")
+                   "less than this many nats per target token")
     p.add_argument("--gate-lambda", type=float, default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
     p.add_argument("--skip-target", type=float, help="a share of blocks to skip over training (e.g. 0.25): "
                    "lambda (ste) or the price (measured) then follows dual ascent, the same for every step type, "
-                   "so the LM loss alone decides which inputs skip; unset = fixed --gate-lambda / --price")
+                   "so the LM loss alone decides which inputs skip (default: none, a fixed --gate-lambda or --price)")
     p.add_argument("--lambda-rate", type=float, default=0.2, help="dual-ascent rate: per step, lambda (or price) *= "
                    "exp(rate * (skip target - skipped share))")
-    p.add_argument("--router-bias", type=float, help="initial router bias of every layer; weights start at 0, "
-                   "so every gate is open at step 0 (default: 1.0 with ste, sigmoid 0.73; 0.3 with measured, "
-                   "sigmoid 0.57, near the threshold, as measured costs cannot misprice a block it closes)")
-    p.add_argument("--router-init", choices=["neutral", "band"], default="neutral", help="neutral: every "
-                   "layer starts at --router-bias; band: the reference code's start, the middle third closed")
-    p.add_argument("--pooling", choices=["prompt", "reference"], default="prompt", help="router input: "
-                   "input_layernorm(h) over the prompt's real tokens (ours), or the reference code's raw h "
-                   "over the whole sequence padded to --max-len (for comparison only)")
+    p.add_argument("--router-bias", type=float, help="initial router bias; weights start at 0, so every input "
+                   "gets sigmoid(bias) at step 0 (default: " +
+                   ", ".join(f"{v['router_bias']:g} with {k}" for k, v in GATE_DEFAULTS.items()) + " gates)")
+    p.add_argument("--router-init", choices=["neutral", "band"], help="neutral: every layer starts at "
+                   "--router-bias; band: the reference code's start, the middle third closed ("
+                   + per_recipe("router_init") + ")")
+    p.add_argument("--pooling", choices=["prompt", "reference"], help="router input: input_layernorm(h) over "
+                   "the prompt's real tokens (ours), or the reference code's raw h over the whole sequence padded "
+                   "to --max-len (" + per_recipe("pooling") + ")")
     p.add_argument("--tool-fraction", type=float, default=0.5, help="share of tool_call steps in the training "
-                   "mix, planning and replies the rest (the paper was about half); <0: the natural mix")
-    p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank (the paper's is 8; at 32 the routers "
-                   "closed more tool-call blocks in every seed measured: README, 'The defaults, per seed')")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha, scale = alpha / rank (default: 2 x rank, the "
-                   "paper's scale of 16 / 8)")
-    p.add_argument("--lora-targets", choices=sorted(lr.LORA_TARGETS), default="all", help="all (default): "
-                   "q/k/v/o and the MLP's gate/up/down, so the open blocks can take over a closed one's work "
-                   "(cheaper skips at 0.79x the training speed: README, 'The defaults, per seed'); attn: q/k/v/o, "
-                   "the paper's")
+                   "mix, planning and replies the rest (the paper's is about half); <0: the natural mix")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (" + per_recipe("lora_rank") + ")")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha, scale = alpha / rank (default: 2 x --lora-rank, "
+                   "the paper's 16 / 8)")
+    p.add_argument("--lora-targets", choices=sorted(lr.LORA_TARGETS), help="attn: q/k/v/o (the paper's); all: "
+                   "the MLP's gate/up/down too, so the open blocks can take over a closed one's work ("
+                   + per_recipe("lora_targets") + ")")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--check-syncs", action="store_true", help="CUDA: fail on any host synchronisation inside "
                    "a step from step 2 on (torch.cuda.set_sync_debug_mode); log lines and saves may wait")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with every default that depends on another flag resolved (the recipe's, the gate's)."""
+    p = parser()
     args = p.parse_args(argv)
+    for k, v in RECIPES[args.recipe].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k, v in GATE_DEFAULTS[args.gate_grad].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.fast = args.device.startswith("cuda") if args.fast is None else args.fast
     args.compile = args.fast if args.compile is None else args.compile
     if args.compile and not args.fast:
         p.error("--compile needs --fast: the eager step's shapes follow its gates")
     args.pad_multiple = args.pad_multiple or (16 if args.fast else 1)
-    lr_mult, bias = {"ste": (30.0, 1.0), "measured": (300.0, 0.3)}[args.gate_grad]
-    args.router_lr_mult = lr_mult if args.router_lr_mult is None else args.router_lr_mult
-    args.router_bias = bias if args.router_bias is None else args.router_bias
     # alpha follows the rank, so --lora-rank alone never changes the adapter's scale
     args.lora_alpha = 2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha
     # run.json must locate everything from any working directory: make local paths absolute.
@@ -125,12 +159,18 @@ def build(args: argparse.Namespace):
         base = qwen.random_model(qwen.QwenConfig.from_json(args.random_init), args.device, dtype, args.seed)
     else:
         base = qwen.load_model(args.model, args.device, dtype)
+    return wrap(base, args).to(args.device), dtype
+
+
+def wrap(base: qwen.Qwen2, args: argparse.Namespace) -> lr.LayerRoute:
+    """LoRA and routers around base, as the resolved flags say."""
     L = base.cfg.num_hidden_layers
     bias = args.router_bias if args.router_init == "neutral" else \
         [-args.router_bias if L // 3 <= i < 2 * L // 3 else args.router_bias for i in range(L)]
     model = lr.LayerRoute(base, args.lora_rank, args.lora_alpha, args.lora_dropout, bias, args.pooling,
                           args.lora_targets)
-    return model.to(args.device), dtype
+    model.straight_through = args.gate_grad == "ste"
+    return model
 
 
 def training_batches(args, model, start: int):
@@ -218,9 +258,8 @@ def restore(model, opt, args) -> tuple[int, float]:
 
 def default_flips(layers: int, micro_batches: int, measurements: int = 60) -> int:
     """Blocks to flip per micro-batch so that each router is measured about `measurements` times over the
-    run. Two measured each router ~20 times in 300 steps, too few to settle (README: "How the defaults were
-    chosen"); at the paper's 3,000 steps of one micro-batch two already measure each ~250 times."""
-    return min(layers, max(2, math.ceil(measurements * layers / micro_batches)))
+    run, between 2 and MAX_DEFAULT_FLIPS (a short run measures fewer times rather than rerun every block)."""
+    return min(layers, MAX_DEFAULT_FLIPS, max(2, math.ceil(measurements * layers / micro_batches)))
 
 
 def measured_router_loss(model, x: dict, token_loss, scores, gates, inputs, price, flips: int,
@@ -235,8 +274,8 @@ def measured_router_loss(model, x: dict, token_loss, scores, gates, inputs, pric
         with autocast:  # the rerun in the training pass's precision; the loss below stays float32
             flipped = model.flip_losses(k, inputs, gates, x["target_idx"], x["targets"], x["target_rows"], fixed)
         open_now = gates[:, k] > 0
-        # closed minus open, per row. The rerun draws fresh LoRA dropout in blocks k..: on seed 0's trained
-        # run two draws differ by 0.002 nats/token on average (max 0.01), a tenth of the 0.02 price.
+        # closed minus open, per row. The rerun draws fresh LoRA dropout in blocks k..; that noise is about a
+        # tenth of the default price (results/README.md, "Notes behind the code").
         cost = torch.where(open_now, flipped - now, now - flipped)
         loss = loss + lr.measured_gate_loss(scores[:, k], cost, price)
         costs.append(cost)
@@ -300,6 +339,7 @@ class Window:
 
 def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute:
     """The training loop. stop_at ends early after that step, as an interruption would (tests)."""
+    qwen.set_attention_backends()
     model, dtype = build(args)
     counts = model.counts()
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) +
@@ -314,7 +354,6 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             args.flips = default_flips(len(model.routers), args.steps * args.grad_accum)
         print(f"measured costs: {args.flips} blocks flipped per micro-batch, each router measured about "
               f"{args.flips * args.steps * args.grad_accum / len(model.routers):,.0f} times", file=sys.stderr)
-    model.straight_through = not measured
     if args.compile:
         model.compile_training()
         print("compiling the fixed-shape step: the first step compiles its graphs (a symbolic length), "
@@ -325,7 +364,6 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
     lam = torch.tensor(lam, dtype=torch.float64, device=args.device)
     batches = training_batches(args, model, start=step * args.grad_accum)
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
     model.train()
     t_start = t_last = time.time()
     t_first, window = None, Window(args.device)
@@ -374,19 +412,22 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             print(f"step {step}/{args.steps} | lm {rec['loss']:.4f} | gate {rec['gate_loss']:.4f} | skip % " +
                   " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in kinds) + cheap +
                   f" | {rec['tok_per_s']:,.0f} tok/s | eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            with open(os.path.join(args.out, "log.jsonl"), "a") as log:
+                log.write(json.dumps(rec) + "\n")
             window = Window(args.device)
         if step % args.save_every == 0 or step == args.steps:
             save(model, opt, args, step, counts, float(lam))
         if stop_at is not None and step >= stop_at:
             break
-    log.close()
     if args.compile:
         stats = torch._dynamo.utils.counters["stats"]
         print(f"torch.compile: {stats['unique_graphs']} graphs compiled in this process", file=sys.stderr)
     return model
 
 
+def main(argv=None):
+    train(parse_args(argv))
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    main()

@@ -8,7 +8,7 @@ these costs for every input, which no router does:
 - price oracle: close, per input, every block whose own cost is below a price tau, the same tau
   for every type (a type-blind regulariser that lets the LM loss decide, done perfectly). It shows
   which skip differential the model itself supports at each price, and what it costs.
-- k-cheapest oracle: close, per input, its k = 20% cheapest blocks (the skip target of issue 6).
+- k-cheapest oracle: close, per input, its k = 20% cheapest blocks (the 20% skip target).
 
 Oracle costs are measured with the chosen blocks skipped together (not added up), as perplexity
 relative to the same model with every block on. --run uses a trained run's LoRA (merged, gates
@@ -20,9 +20,11 @@ calls (a greedy search), each set then scored on the test split's; with --per-ca
 blocks for each call, chosen knowing its answer (a router that foresaw every answer: the ceiling);
 with --among, every set of K blocks drawn from a short list instead of the greedy search.
 
-    python bench/block_cost.py --model ~/.cache/layerroute/smollm2-135m-qwen2 --data-dir ../shared/data --n 12
-    python bench/block_cost.py --run runs/layerroute --data-dir ../shared/data --split test --n 11
-    python bench/block_cost.py --run runs/layerroute --data-dir ../shared/data --split val --n 16 --keep-answers 8
+DIR: a checkpoint folder (e.g. SmolLM2-135M-Instruct in the Qwen2 layout); DATA: a folder of data files.
+
+    python bench/block_cost.py --model DIR --data-dir DATA --n 12
+    python bench/block_cost.py --run runs/layerroute --data-dir DATA --split test --n 11
+    python bench/block_cost.py --run runs/layerroute --data-dir DATA --split val --n 16 --keep-answers 8
 """
 import argparse
 import collections
@@ -212,7 +214,7 @@ def main():
     p = argparse.ArgumentParser(description="Per-block cost of skipping per step type, and oracle routers.")
     p.add_argument("--model", help="checkpoint folder (the frozen base)")
     p.add_argument("--run", help="a train.py run folder: use its LoRA-only model instead of the base")
-    p.add_argument("--data-dir", required=True, help="local data folder (e.g. ../shared/data)")
+    p.add_argument("--data-dir", required=True, help="local data folder (data.py reads every file under it)")
     p.add_argument("--split", default="train", help="train, val, test or all")
     p.add_argument("--n", type=int, default=12, help="steps per type")
     p.add_argument("--max-len", type=int, default=256, help="tokens per step, oldest prompt tokens cut")

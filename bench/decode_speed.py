@@ -12,8 +12,10 @@ closes its own random set of that size: mixed gates), by replacing route() with 
 --run uses a trained run's own routers on real test prompts from --data-dir (tool calls at batch 1;
 4 tool-call + 4 planning prompts, cut to one length, at batch 8).
 
-    python bench/decode_speed.py --model ~/.cache/layerroute/smollm2-135m-qwen2 --skip-frac 0.25
-    python bench/decode_speed.py --run runs/smollm --data-dir ../shared/data
+DIR: a checkpoint folder (e.g. SmolLM2-135M-Instruct in the Qwen2 layout); DATA: a folder of data files.
+
+    python bench/decode_speed.py --model DIR --skip-frac 0.25
+    python bench/decode_speed.py --run runs/smollm --data-dir DATA
 """
 import argparse
 import os
@@ -122,6 +124,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt and gate patterns")
     args = p.parse_args()
+    qwen.set_attention_backends()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(args.seed)
     if args.run:

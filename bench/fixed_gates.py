@@ -8,15 +8,16 @@ it absorb within the budget? Afterwards, perplexity per type on the test split (
 eval.py's sample), with the fixed gates and with every block on, and the greedy exact match of --kind.
 train.py is patched from outside for the run (two functions, restored after): it stays the method.
 
-    python bench/fixed_gates.py --skip 3,5,7,12,14,25 --model DIR --data-dir ../shared/data \
+DIR: a checkpoint folder (e.g. SmolLM2-135M-Instruct in the Qwen2 layout); DATA: a folder of data files.
+
+    python bench/fixed_gates.py --skip 3,5,7,12,14,25 --model DIR --data-dir DATA \
         --device cpu --steps 300 --max-len 256 --batch-size 4 --grad-accum 1 --seed 0 --out runs/fixed6
     python bench/fixed_gates.py --skip "" ... --out runs/lora0          # LoRA alone, nothing skipped
-    python bench/fixed_gates.py --eval-only --skip 3,5,7,12,14,25 --out runs/lora0 --data-dir ../shared/data
+    python bench/fixed_gates.py --eval-only --skip 3,5,7,12,14,25 --out runs/lora0 --data-dir DATA
 """
 import argparse
 import collections
 import contextlib
-import json
 import math
 import os
 import sys
@@ -116,7 +117,7 @@ def main():
         result["exact_match"] = exact_match(args.out, args.data_dir, skip, ours.kind, ours.gen_n, args.max_len)
     name = "fixed_gates_eval.json" if ours.eval_only else "fixed_gates.json"
     record = {"skip": sorted(skip), "kind": ours.kind, "trained_with_skip": not ours.eval_only, **result}
-    lr.atomic_write(os.path.join(args.out, name), lambda tmp: open(tmp, "w").write(json.dumps(record, indent=2)))
+    lr.write_json(os.path.join(args.out, name), record)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Every GPU speed number of the README's Speed table, in one run of under 8 minutes.
+"""Every GPU speed number of the Speed table (results/README.md, "Speed"), in one run of under 8 minutes.
 
-    python bench/gpu_speed.py --data-dir DATA --tokenizer TOKENIZER.json --config CONFIG.json
+    python bench/gpu_speed.py --data-dir DATA --tokenizer TOKENIZER.json \
+        --config configs/qwen2.5-0.5b-instruct.json
 
-DATA: the real data copies (data.py reads every file under it); TOKENIZER.json: the real Qwen
-tokenizer; CONFIG.json: Qwen2.5-0.5B-Instruct's config.json (random weights of its exact shapes
-stand in for the download). It prints, with the machine, torch version and date:
+DATA: a folder of the real data files (data.py reads every file under it); TOKENIZER.json: the real
+Qwen tokenizer; configs/qwen2.5-0.5b-instruct.json: Qwen2.5-0.5B-Instruct's config.json (random
+weights of its exact shapes stand in for the download). It prints, with the machine, torch version
+and date:
 
 1. main: `python train.py --steps 3000` with the defaults, in a fresh process each with an empty
    compile cache, at the default price and at --price 0, and the paper's recipe (--gate-grad ste
@@ -48,7 +50,7 @@ import qwen  # noqa: E402
 import train  # noqa: E402
 
 DEVICE = "cuda"
-PAPER = ["--gate-grad", "ste", "--lora-rank", "8", "--lora-targets", "attn"]
+PAPER = ["--recipe", "paper"]
 
 
 def random_checkpoint(config: str, tokenizer: str, folder: str) -> str:
@@ -257,7 +259,7 @@ def check(args, model_dir: str, work: str):
            "--out", out, "--check-syncs", "--log-every", "10"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.cap)
     tail = [line for line in p.stderr.splitlines() if "sync" in line.lower() or "Error" in line][-3:]
-    print(f"check syncs: train.py --check-syncs, 20 steps: " +
+    print("check syncs: train.py --check-syncs, 20 steps: " +
           ("no host synchronisation inside a step" if p.returncode == 0 else f"exit {p.returncode}: {tail}"),
           flush=True)
 
@@ -271,7 +273,8 @@ def main():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", required=True, help="the real data copies")
     p.add_argument("--tokenizer", required=True, help="the real Qwen tokenizer.json")
-    p.add_argument("--config", required=True, help="Qwen2.5-0.5B-Instruct's config.json")
+    p.add_argument("--config", required=True,
+                   help="Qwen2.5-0.5B-Instruct's config.json (configs/qwen2.5-0.5b-instruct.json)")
     p.add_argument("--parts", default="main,mfu,hf,check", help="which measurements, comma-separated")
     p.add_argument("--warm", type=int, default=30, help="main: steps before the timed ones (compile, warm-up)")
     p.add_argument("--timed", type=int, default=300, help="main: steps timed after --warm")
@@ -281,6 +284,7 @@ def main():
     p.add_argument("--hf-shape", type=int, nargs=2, default=[16, 512], help="hf: rows and tokens of the batch")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "layerroute-gpu"), help="scratch folder")
     args = p.parse_args()
+    qwen.set_attention_backends()
     global DEVICE
     DEVICE = args.device
     parts = args.parts.split(",")

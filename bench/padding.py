@@ -6,7 +6,9 @@ padding, real tokens, and target tokens (the only positions whose logits the los
 own summary (`python data.py --data-dir ...`) prints the same padding figure from its epoch plan;
 this counts it from the collated batches themselves.
 
-    python bench/padding.py --data-dir ../shared/data --tokenizer ~/.cache/layerroute/qwen-tokenizer/tokenizer.json
+DATA: a folder of data files; TOKENIZER.json: Qwen2.5's tokenizer.json.
+
+    python bench/padding.py --data-dir DATA --tokenizer TOKENIZER.json
 """
 import argparse
 import os
@@ -14,18 +16,19 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+import qwen  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description="Fraction of computed tokens that are padding, one training epoch.")
-    p.add_argument("--data-dir", required=True, help="local data folder (e.g. ../shared/data)")
+    p.add_argument("--data-dir", required=True, help="local data folder (data.py reads every file under it)")
     p.add_argument("--tokenizer", required=True, help="Qwen tokenizer.json")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (paper: 4)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per sequence at most (paper: 512)")
     p.add_argument("--tool-fraction", type=float, default=0.5, help="as train.py's flag (<0: natural mix)")
     p.add_argument("--seed", type=int, default=0, help="data-order seed")
     args = p.parse_args()
-    tok = data.load_tokenizer(args.tokenizer)
+    tok = qwen.load_tokenizer(args.tokenizer)
     steps, _ = data.load_steps(args.data_dir)
     train = [s for s in steps if s.split == "train"]
     encoded = data.encode_all(train, tok)

@@ -3,7 +3,9 @@
 Greedy continuations from our command line (`python qwen.py`) and from transformers' generate,
 and the float32 logits of both on the same prompts.
 
-    python bench/parity.py --model ~/.cache/layerroute/smollm2-135m-qwen2 --max-new-tokens 64
+DIR: a checkpoint folder (e.g. SmolLM2-135M-Instruct in the Qwen2 layout).
+
+    python bench/parity.py --model DIR --max-new-tokens 64
 """
 import argparse
 import os
@@ -24,6 +26,7 @@ def main():
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per continuation")
     args = p.parse_args()
+    qwen.set_attention_backends()
     from transformers import Qwen2ForCausalLM
     ref = Qwen2ForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     ours = qwen.load_model(args.model)

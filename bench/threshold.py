@@ -9,9 +9,9 @@ answers routing broke and fixed against LoRA-only (every block on). With several
 and fixed answers are pooled per threshold (McNemar).
 
 Choose a threshold on --split val, then read it on test: choosing it on the test calls is tuning
-on them.
+on them. DATA: a folder of data files.
 
-    python bench/threshold.py --runs runs/ours-s0 runs/ours-s1 --data-dir ../shared/data --split val \
+    python bench/threshold.py --runs runs/ours-s0 runs/ours-s1 --data-dir DATA --split val \
         --thresholds 0.5,0.3,0.2,0.1 --threads 1
 """
 import argparse

@@ -8,9 +8,11 @@ input_layernorm(h) over prompt tokens 1..prompt_len-1, unit length), wrapped aro
 The two are timed interleaved in one process (k steps ours, k steps theirs, repeated), so machine
 noise hits both alike; the ratio of medians is the result.
 
-    python bench/train_speed.py --model ~/.cache/layerroute/smollm2-135m-qwen2 --repeats 5
+DIR: a checkpoint folder (e.g. SmolLM2-135M-Instruct in the Qwen2 layout).
+
+    python bench/train_speed.py --model DIR --repeats 5
     python bench/train_speed.py --model DIR --profile     # where one step of ours spends its time
-    python bench/train_speed.py --random-init ../shared/configs/qwen2.5-0.5b-instruct.json \
+    python bench/train_speed.py --random-init configs/qwen2.5-0.5b-instruct.json \
         --device cuda --dtype bfloat16 --batch-size 4 --seq-len 512 --ours-only --steps 20 --repeats 10
 """
 import argparse
@@ -52,7 +54,9 @@ def build_ours(args, dtype):
         base = qwen.random_model(qwen.QwenConfig.from_json(args.random_init), args.device, dtype)
     else:
         base = qwen.load_model(args.model, args.device, dtype)
-    model = lr.LayerRoute(base).to(args.device).train()
+    # the paper's adapters and gate, as build_theirs gives peft
+    model = lr.LayerRoute(base, rank=8, alpha=16, router_bias=1.0, targets="attn").to(args.device).train()
+    model.straight_through = True
     # As train.py: where LayerRoute.forward takes logits_at, the head runs on target positions only.
     target_only = "logits_at" in inspect.signature(model.forward).parameters
 
@@ -137,7 +141,7 @@ def profile(step, args):
 
 def main():
     p = argparse.ArgumentParser(description="Training-step tokens/s: LayerRoute vs transformers + peft.")
-    p.add_argument("--model", help="checkpoint folder (the real one: ../shared/tools/make-real-model)")
+    p.add_argument("--model", help="checkpoint folder (e.g. SmolLM2-135M-Instruct in the Qwen2 layout)")
     p.add_argument("--random-init", metavar="CONFIG.json", help="random weights of this config (ours only)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (first half prompt, second target)")
@@ -147,13 +151,15 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="backbone / autocast dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (on a shared CPU, more threads than "
-                   "free cores makes every op spin-wait: 1 is 3-5x faster than 2 next to another job)")
+                   "free cores makes every op spin-wait, so next to another job 1 thread runs faster: "
+                   'results/README.md, "Notes behind the code")')
     p.add_argument("--ours-only", action="store_true", help="time only ours (e.g. on a GPU, with --random-init)")
     p.add_argument("--peak-tflops", type=float, help="peak of the device in the run's dtype, for MFU "
                    "(H100 SXM bf16 dense: 989; A100: 312)")
     p.add_argument("--profile", action="store_true", help="print a profile of one step of ours and exit")
     p.add_argument("--profile-rows", type=int, default=15, help="rows of the profile table")
     args = p.parse_args()
+    qwen.set_attention_backends()
     if not (args.model or args.random_init):
         p.error("give --model or --random-init")
     torch.set_num_threads(args.threads)

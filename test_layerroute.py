@@ -760,6 +760,7 @@ def test_train_lowers_the_loss(tmp_path, mode):
     assert last < first - 0.2, (first, last)  # starts near ln(300) = 5.70 nats, a uniform guess
     run = json.loads((out / "run.json").read_text())
     assert run["step"] == 30 and run["model"] == str(tmp_path / "model")
+    assert run["recipe"] == "layerroute" and run["gate_grad"] == mode and run["lora_rank"] == 32  # as used
     # the default, recorded as used: both blocks of this 2-layer model; straight-through flips none
     assert run["flips"] == (2 if mode == "measured" else None)
     model, _, _ = lr.load_run(str(out))  # eval needs nothing but the folder

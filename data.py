@@ -22,12 +22,16 @@ Decisions:
 - gsm8k targets drop the `<<48/2=24>>` calculator annotations (an artefact of how the data was
   collected, not text a model should learn to write); the final `#### N` line stays.
 - Splits: gsm8k keeps its own (test file -> test; train file -> train, with 5% of it as val so tuning
-  never touches test). Every other source splits 80/10/10 by sha256 of "source:record_id", so a
-  conversation (all its steps) lives in exactly one split, the same on every machine.
+  never touches test; the test file has `test` as a whole word of its name: test.jsonl,
+  main_test.jsonl, test-00000-of-00001.parquet, not latest.jsonl). Every other source splits 80/10/10
+  by sha256 of "source:record_id", so a conversation (all its steps) lives in exactly one split, the
+  same on every machine.
 - Caps: at most `max_records` records per source (default 20,000: glaive-v2 has ~113k), chosen by a
   hash of their id (not by file order, and with a salt of its own so the cap does not bias splits).
 - A malformed record is skipped whole (later turns' prompts depend on it) and counted per source and
-  reason; the first record hit by each reason is named (file#index) in the summary.
+  reason; the first record hit by each reason is named (file#index) in the summary. A bad byte,
+  integer, nesting or cut costs the records it is in, never the rest of their file: each JSON line is
+  decoded and parsed on its own, a JSON array one element at a time.
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ import argparse
 import ast
 import hashlib
 import json
+import os
 import re
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,21 +91,82 @@ class Skip(Exception):
     """A malformed record; the message is the reason counted in the summary (keep it generic)."""
 
 
+# ---- JSON that cannot stop a load: every parse in this file goes through _decode ----
+
+TOO_LONG = object()  # stands for an integer past Python's digit limit, so its record can be skipped
+MAX_DEPTH = 100  # deeper values are skipped: nothing real nests so deep, and json.dumps of one could
+                 # hit Python's recursion limit later, when the record is hashed or rendered
+SURROGATE = re.compile("[\ud800-\udfff]")  # a byte that is not UTF-8 (surrogateescape), or a lone \ud800
+
+
+def _int(digits: str):
+    """json's parse_int: an integer past the digit limit (4,300) is a marker, not a ValueError that
+    would end the whole file."""
+    try:
+        return int(digits)
+    except ValueError:
+        return TOO_LONG
+
+
+SPACES = re.compile(r"\s*")
+STRICT = json.JSONDecoder(parse_int=_int)  # records: a raw control character in a string is an error
+LENIENT = json.JSONDecoder(strict=False, parse_int=_int)  # text inside records: raw newlines occur
+
+
+def _flaw(value) -> str | None:
+    """Why a parsed value is unusable (a string that is not UTF-8, an integer too long, nesting too
+    deep), or None. A loop, not recursion, so depth alone cannot break it."""
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return "nested too deeply"
+        if value is TOO_LONG:
+            return "integer too long"
+        if isinstance(value, str) and SURROGATE.search(value):
+            return "not UTF-8"  # the tokenizer would raise on it mid-run
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for kv in value.items() for v in kv]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+    return None
+
+
+def _decode(decoder: json.JSONDecoder, text: str, start: int = 0) -> tuple[object, int]:
+    """The JSON value at text[start:] and where it ends. A value that parses but is unusable, or
+    nests past the recursion limit, raises Skip with the reason; bad syntax stays a JSONDecodeError."""
+    try:
+        value, end = decoder.raw_decode(text, start)
+    except RecursionError:
+        raise Skip("nested too deeply") from None
+    if reason := _flaw(value):
+        raise Skip(reason)
+    return value, end
+
+
+def _loads_json(decoder: json.JSONDecoder, text: str):
+    """json.loads through _decode: one value, nothing but whitespace after it."""
+    value, end = _decode(decoder, text, SPACES.match(text).end())
+    if SPACES.match(text, end).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
 # ---- parsing the awkward bits: Python-dict calls, quoted-string arguments, concatenated JSON ----
 
 def _loads(text: str, what: str):
     """JSON, else a Python literal (hermes writes {'name': ..., 'flag': True}); never eval."""
     try:
-        return json.loads(text, strict=False)  # strict=False: raw newlines inside strings occur
+        return _loads_json(LENIENT, text)  # lenient: raw newlines inside strings occur
     except json.JSONDecodeError:
         pass
     try:
-        return ast.literal_eval(text.strip())
+        value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         raise Skip(f"{what} is neither JSON nor a Python literal") from None
-
-
-SPACES = re.compile(r"\s*")
+    if reason := _flaw(value):
+        raise Skip(reason)
+    return value
 
 
 def _values(text: str, what: str) -> list:
@@ -111,10 +176,10 @@ def _values(text: str, what: str) -> list:
         return value if isinstance(value, list) else [value]
     except Skip:
         pass
-    decoder, out, i = json.JSONDecoder(strict=False), [], 0
+    out, i = [], 0
     while (i := SPACES.match(text, i).end()) < len(text):
         try:
-            value, i = decoder.raw_decode(text, i)
+            value, i = _decode(LENIENT, text, i)
         except json.JSONDecodeError:
             raise Skip(f"{what} is neither JSON nor a Python literal") from None
         out.append(value)
@@ -337,32 +402,96 @@ def to_steps(source: str, rid: str, split: str, msgs: list[dict], tools: list[di
 
 # ---- files, splits, loading ----
 
-BAD_LINE = object()  # stands for a .jsonl line that is not JSON, so record indices stay right
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands in a file's record list for a record that could not be read, so indices stay right."""
+    reason: str
 
 
 def read_records(path: Path) -> list:
+    """A file's records in order, an Unreadable in place of each that cannot be read."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq  # only the hub's gsm8k needs it
         except ImportError:
             raise ImportError(f"{path}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
-    if path.suffix == ".json":
         try:
-            data = json.loads(text)
-            return data if isinstance(data, list) else [data]
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 (ArrowInvalid and kin: a cut or foreign file)
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # tolerate a byte-order mark
+    if path.suffix == ".json":
+        text = raw.decode("utf-8", errors="surrogateescape")  # a bad byte costs its record: _flaw
+        start = SPACES.match(text).end()
+        if text.startswith("[", start):
+            return _array_records(text, start, path.stat().st_size)
+        try:
+            value = _loads_json(STRICT, text)
+            return [value if isinstance(value, dict) else Unreadable("not a JSON array or object of records")]
+        except Skip as e:
+            return [Unreadable(str(e))]
         except json.JSONDecodeError:
             pass  # some .json files hold one record per line
+    return _line_records(raw)
+
+
+def _line_records(raw: bytes) -> list:
+    """JSON lines, each decoded and parsed on its own. Split at b"\\n" only: str.splitlines() also
+    cuts at U+2028 and U+0085, which JSON strings may hold raw."""
     records = []
-    for line in filter(str.strip, text.splitlines()):
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
+            records.append(_loads_json(STRICT, line.decode("utf-8")))
+        except UnicodeDecodeError:
+            records.append(Unreadable("not UTF-8"))
         except json.JSONDecodeError:
-            records.append(BAD_LINE)
-    if not records or all(r is BAD_LINE for r in records):
-        raise ValueError("neither JSON nor JSON lines")
+            records.append(Unreadable("line is not a JSON object"))
+        except Skip as e:
+            records.append(Unreadable(str(e)))
     return records
+
+
+def _array_records(text: str, start: int, size: int) -> list:
+    """A JSON array's elements, parsed one at a time: a broken element costs itself, a cut costs
+    the records after it (counted once, "file truncated at byte N"), every complete one is kept."""
+    records, i, cut = [], SPACES.match(text, start + 1).end(), Unreadable(f"file truncated at byte {size}")
+    while i < len(text) and text[i] != "]":
+        try:
+            value, end = _decode(STRICT, text, i)
+            records.append(value)
+        except (Skip, json.JSONDecodeError) as e:
+            if (end := _element_end(text, i)) is None:
+                return records + [cut]
+            records.append(Unreadable(str(e) if isinstance(e, Skip) else "not valid JSON"))
+            end = max(end, i + 1)  # a stray '}' is one bad element, not a loop
+        i = SPACES.match(text, end).end()
+        if text.startswith(",", i):
+            i = SPACES.match(text, i + 1).end()
+    if i == len(text):  # the closing bracket is missing
+        return records + [cut]
+    if SPACES.match(text, i + 1).end() < len(text):
+        records.append(Unreadable("text after the array's closing bracket"))
+    return records
+
+
+JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},]')
+
+
+def _element_end(text: str, i: int) -> int | None:
+    """Where the array element at text[i] ends (its ',' or the array's ']'), found by counting
+    brackets outside strings, so the next element can be read; None when the text ends first."""
+    depth = 0
+    for m in JSON_TOKEN.finditer(text, i):
+        token = m.group()
+        if token in "[{":
+            depth += 1
+        elif depth == 0 and token in ",]}":
+            return m.start()
+        elif token in "]}":
+            depth -= 1
+    return None
 
 
 def scan(root: Path) -> tuple[list[tuple[str, str, list]], dict[str, str]]:
@@ -376,27 +505,63 @@ def scan(root: Path) -> tuple[list[tuple[str, str, list]], dict[str, str]]:
             continue
         try:
             records = read_records(path)
-        except (ValueError, ImportError, OSError, UnicodeDecodeError) as e:
-            ignored[str(path)] = str(e)
+        except (ValueError, ImportError, OSError) as e:
+            ignored[str(path)] = str(e).removeprefix(f"{path}: ")  # the key already names the file
             continue
-        votes = Counter(fmt for r in records[:50] if (fmt := sniff(r)))  # the file's majority format
+        readable = [r for r in records if isinstance(r, dict)]
+        votes = Counter(fmt for r in readable[:50] if (fmt := sniff(r)))  # the file's majority format
         if not votes:
-            ignored[str(path)] = "records match no known format"
+            ignored[str(path)] = "records match no known format" if readable else _unread(records)
             continue
         found.append((votes.most_common(1)[0][0], str(path), records))
     return found, ignored
 
 
+def _unread(records: list) -> str:
+    """Why a file gave no record, e.g. "no readable record (2 x not UTF-8)"."""
+    if not records:
+        return "no records"
+    why = Counter(r.reason if isinstance(r, Unreadable) else "record is not a JSON object" for r in records)
+    return f"no readable record ({', '.join(f'{n} x {reason}' for reason, n in why.items())})"
+
+
+LOCAL_COPIES = "pass --data-dir FOLDER with local copies of the data files (in any format this file reads)"
+
+
 def download(cache_dir: str | None = None) -> list[tuple[str, str, list]]:
-    from huggingface_hub import hf_hub_download  # respects HF_HOME and HF_HUB_OFFLINE
-    paths = [(s, hf_hub_download(repo, name, repo_type="dataset", cache_dir=cache_dir))
-             for s, repo, name in HUB_FILES]
-    return [(s, p, read_records(Path(p))) for s, p in paths]
+    """HUB_FILES from the hub's cache or the network; offline or unreachable, one error naming the
+    file and what to do instead."""
+    try:
+        from huggingface_hub import hf_hub_download  # respects HF_HOME
+    except ImportError:
+        raise ImportError(f"downloading the data needs huggingface_hub (`pip install huggingface_hub`); or "
+                          f"{LOCAL_COPIES}") from None
+    # Read here, not when huggingface_hub was imported: offline, no request leaves the machine.
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    found = []
+    for source, repo, name in HUB_FILES:
+        try:
+            path = hf_hub_download(repo, name, repo_type="dataset", cache_dir=cache_dir,
+                                   local_files_only=offline)
+        except OSError as e:  # LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP and connection errors
+            why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline else
+                   f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+            raise OSError(f"could not download {name} from the hub dataset {repo} ({why}); "
+                          f"{LOCAL_COPIES}") from None
+        found.append((source, path, read_records(Path(path))))
+    return found
 
 
 def _unit(key: str) -> float:
     """A deterministic number in [0, 1) from a string: the same on every machine and run."""
     return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16 ** 12
+
+
+def own_split(path: str) -> str:
+    """gsm8k's split from its file name: test when `test` is a whole word of the name (test.jsonl,
+    main_test.jsonl, test-00000-of-00001.parquet), else train (latest.jsonl, contest.jsonl)."""
+    return "test" if "test" in re.split(r"[^a-z0-9]+", Path(path).stem.lower()) else "train"
 
 
 def split_of(source: str, rid: str, own: str | None = None) -> str:
@@ -427,10 +592,11 @@ def load_steps(data_dir: str | None = None, cache_dir: str | None = None,
         rep = sources.setdefault(source, {"files": [], "records": 0, "splits": Counter(),
                                           "skipped": Counter(), "first_skipped": {}, "capped": 0})
         rep["files"].append(path)
-        own = ("test" if "test" in Path(path).name.lower() else "train") if source == "gsm8k" else None
+        own = own_split(path) if source == "gsm8k" else None
         for i, rec in enumerate(records):
             rid = record_id(rec) if isinstance(rec, dict) else None
-            reason = ("line is not a JSON object" if rid is None else
+            reason = (rec.reason if isinstance(rec, Unreadable) else
+                      "record is not a JSON object" if rid is None else
                       "duplicate record id" if rid in pending[source] else None)
             if reason:
                 _skipped(rep, reason, f"{path}#{i}")
@@ -467,6 +633,50 @@ def load_steps(data_dir: str | None = None, cache_dir: str | None = None,
 def _skipped(rep: dict, reason: str, where: str) -> None:
     rep["skipped"][reason] += 1
     rep["first_skipped"].setdefault(reason, where)
+
+
+REPORT_ITEMS = 4  # reasons (and ignored-file reasons) named in skip_report; the rest are counted
+KIND_FILES = {"tool_call": "hermes, glaive, sharegpt or openai files whose conversations make calls",
+              "planning": "gsm8k or Turing files",
+              "reply": "tool conversations with plain-text assistant turns"}
+
+
+def _counted(n: int, noun: str, items: list[str]) -> str:
+    """ "3 records (a; b; c; d; and 2 more)": at most REPORT_ITEMS items, so the line stays short."""
+    more = [f"and {len(items) - REPORT_ITEMS} more"] if len(items) > REPORT_ITEMS else []
+    return f"{n} {noun}{'s' * (n != 1)} ({'; '.join(items[:REPORT_ITEMS] + more)})"
+
+
+def skip_report(summary: dict) -> str:
+    """One line on what loading skipped and ignored, for train.py and eval.py to print, e.g.
+    "data: skipped 3 records (glaive: 2 x not UTF-8, first at F#4; gsm8k: 1 x integer too long at
+    G#0), ignored 1 file (x.txt: not a .json/.jsonl/.parquet file)". One line, because qwen.cli
+    folds an error's text onto one line anyway."""
+    skipped = [f"{name}: {n} x {reason}{', first' if n > 1 else ''} at {r['first_skipped'][reason]}"
+               for name, r in summary["sources"].items() for reason, n in r["skipped"].items()]
+    n_skipped = sum(sum(r["skipped"].values()) for r in summary["sources"].values())
+    said = [f"skipped {_counted(n_skipped, 'record', skipped)}" if skipped else "nothing skipped"]
+    if ignored := summary["ignored_files"]:
+        paths = defaultdict(list)  # reason -> files, in scan order
+        for path, reason in ignored.items():
+            paths[reason].append(path)
+        items = [f"{p[0]}: {reason}" if len(p) == 1 else f"{len(p)} x {reason}, first {p[0]}"
+                 for reason, p in paths.items()]
+        said.append(f"ignored {_counted(len(ignored), 'file', items)}")
+    return "data: " + ", ".join(said)
+
+
+def require_kinds(steps: list[Step], kinds: tuple[str, ...], split: str, where: str,
+                  summary: dict | None = None) -> None:
+    """Raise ValueError when a kind a run needs has no step in `split` (a recipe that mixes
+    tool_call and planning rows cannot run on one of them), naming where the data came from and,
+    given load_steps' summary, what was skipped (often the reason the kind is missing)."""
+    present = {s.kind for s in steps if s.split == split}
+    for kind in kinds:
+        if kind not in present:
+            report = f"; {skip_report(summary)}" if summary else ""
+            raise ValueError(f"{where}: no {kind} steps in the {split} split (this run needs "
+                             f"{' and '.join(kinds)} rows; add {KIND_FILES[kind]}){report}")
 
 
 # ---- tokens and batches ----
@@ -643,4 +853,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    qwen.cli(main)

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 import data
 import layerroute as lr
 import qwen
+from train import Parser, number
 
 # name -> (LoRA on, every gate open). Routed runs last so last_gates/last_scores are its decision.
 MODES = {"base": (False, True), "lora": (True, True), "routed": (True, False)}
@@ -560,7 +562,7 @@ def read_report(run: str) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate LayerRoute runs (skip rates, FLOPs, perplexity, accuracy, speed).",
+    p = Parser(description="Evaluate LayerRoute runs (skip rates, FLOPs, perplexity, accuracy, speed).",
                                 formatter_class=qwen.ShowDefaults)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="a run folder written by train.py")
@@ -568,23 +570,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data to evaluate on (default: the run's own --data-dir)")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"], help="'all': every step "
                    "(held-out collections); train: rows LoRA trained on, to see what fitting them hides")
-    p.add_argument("--n", type=int, help="at most this many steps per type (default: all of the split)")
-    p.add_argument("--gen-n", type=int, default=20, help="steps per type to generate for task accuracy "
+    p.add_argument("--n", type=number(int, lo=1), help="at most this many steps per type (default: all of the split)")
+    p.add_argument("--gen-n", type=number(int, lo=0), default=20, help="steps per type to generate for task accuracy "
                    "(0: none; generation is most of the time on a CPU)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length cap for task accuracy")
-    p.add_argument("--latency-n", type=int, default=5, help="prompts per type to time (0: no timing)")
-    p.add_argument("--latency-tokens", type=int, default=64, help="tokens decoded per timed generation")
-    p.add_argument("--latency-repeats", type=int, default=3, help="timed repeats per prompt and model")
-    p.add_argument("--threshold", type=float, default=0.5, help="a gate opens when its router's score is above "
+    p.add_argument("--max-new-tokens", type=number(int, lo=1), default=256, help="generation length cap for task accuracy")
+    p.add_argument("--latency-n", type=number(int, lo=0), default=5, help="prompts per type to time (0: no timing)")
+    p.add_argument("--latency-tokens", type=number(int, lo=1), default=64, help="tokens decoded per timed generation")
+    p.add_argument("--latency-repeats", type=number(int, lo=1), default=3, help="timed repeats per prompt and model")
+    p.add_argument("--threshold", type=number(float, above=0, below=1), default=0.5, help="a gate opens when its router's score is above "
                    "this; training uses 0.5, lower closes only the surest skips (bench/threshold.py sweeps it)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per teacher-forced batch")
-    p.add_argument("--max-len", type=int, help="tokens per step, oldest prompt tokens cut (default: the run's)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    p.add_argument("--bin-width", type=int, default=32, help="prompt-length bin width for length matching")
-    p.add_argument("--seed", type=int, default=0, help="seed of the step sample and the bootstrap")
+    p.add_argument("--batch-size", type=number(int, lo=1), default=4, help="rows per teacher-forced batch")
+    p.add_argument("--max-len", type=number(int, lo=8), help="tokens per step, oldest prompt tokens cut (default: the run's)")
+    p.add_argument("--bootstrap", type=number(int, lo=1), default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--bin-width", type=number(int, lo=1), default=32, help="prompt-length bin width for length matching")
+    p.add_argument("--seed", type=number(int, lo=0), default=0, help="seed of the step sample and the bootstrap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
+    p.add_argument("--threads", type=number(int, lo=1), help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
     p.add_argument("--out", help="report path (default: RUN/report.json; with --runs, aggregate.json beside the "
                    "runs)")
     return p
@@ -594,6 +596,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser().parse_args(argv)
 
 
+def check_writable(path: str):
+    """Fail now, naming the place, if the report could not be written there after the work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(f"{path}: cannot write there ({e.strerror}): pass --out somewhere writable") from None
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     qwen.set_attention_backends()
@@ -601,7 +615,7 @@ def main(argv=None) -> dict:
         agg = aggregate([read_report(r) for r in args.runs])
         agg["run_dirs"] = [os.path.abspath(r) for r in args.runs]
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), "aggregate.json")
-        lr.write_json(out, agg, indent=1)
+        check_writable(out)
         print(f"{agg['runs']} runs; differential > 0 in {agg['differential_positive']}, "
               f"length-matched > 0 in {agg['length_matched_positive']}, cut-matched > 0 in {agg['cut_matched_positive']}")
         for kind, p in agg["answers_pooled"].items():
@@ -610,8 +624,11 @@ def main(argv=None) -> dict:
         for k, s in agg["stats"].items():
             if "per_layer" not in k:
                 print(f"  {k:50} {s['mean']:10.4f} +- {s['std']:.4f}  (n={s['n']})")
+        lr.write_json(out, agg, indent=1)
         print(f"wrote {out}", file=sys.stderr)
         return agg
+    out = args.out or os.path.join(args.run, "report.json")
+    check_writable(out)  # before the work, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, run = lr.load_run(args.run, args.device, getattr(torch, args.dtype))
@@ -620,7 +637,8 @@ def main(argv=None) -> dict:
         raise ValueError(f"{args.run}: trained with --random-init on synthetic batches: no steps to evaluate")
     args.max_len = args.max_len or run["max_len"]
     data_dir = args.data_dir or run.get("data_dir")
-    steps, _ = data.load_steps(data_dir)
+    steps, summary = data.load_steps(data_dir)
+    print(data.skip_report(summary), file=sys.stderr)
     by_kind = pick(steps, args.split, args.n, args.seed)
     if not by_kind:
         raise ValueError(f"{data_dir}: no steps in split '{args.split}'")
@@ -632,13 +650,12 @@ def main(argv=None) -> dict:
                                                           "gate_lambda", "price", "flips")}}
     report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "n_target", "nll", "gates", "scores")}
                           for r in recs]
-    out = args.out or os.path.join(args.run, "report.json")
+    print_table(report)  # first: a write that fails loses no result
     lr.write_json(out, report, indent=1)
     pngs = plot(report, recs, os.path.splitext(out)[0])
-    print_table(report)
     print(f"wrote {out}, {', '.join(pngs)}", file=sys.stderr)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    qwen.cli(main)

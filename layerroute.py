@@ -26,10 +26,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import tempfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qwen import KVCache, Qwen2
@@ -368,7 +372,10 @@ def save_adapters(model: LayerRoute, folder: str, settings: dict):
 
 def load_adapters(model: LayerRoute, path: str):
     """Load LoRA + router tensors, checking names and shapes against the model."""
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     expected = model.trainable()
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     bad = [n for n in set(expected) & set(tensors) if expected[n].shape != tensors[n].shape]
@@ -381,10 +388,18 @@ def load_adapters(model: LayerRoute, path: str):
 
 
 def atomic_write(path: str, write):
-    """write(tmp_path), then rename over path: a reader never sees a half-written file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    """write(tmp_path), then rename over path: a reader never sees a half-written file. The temporary
+    file is created afresh (a name nobody can have planted a link at), and removed if write fails."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path) + ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_json(path: str, obj, indent: int = 2):
@@ -395,11 +410,65 @@ def write_json(path: str, obj, indent: int = 2):
     atomic_write(path, write)
 
 
-def load_run(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+# ---- checkpoints: one folder per save, renamed into place whole
+
+CHECKPOINT = re.compile(r"checkpoint-(\d{6,})")
+CHECKPOINT_FILES = ("adapters.safetensors", "optimizer.safetensors", "run.json")
+
+
+def checkpoints(run: str) -> list[str]:
+    """The run's complete checkpoint folders, oldest first (a save is written elsewhere, then renamed)."""
+    found = [(int(m.group(1)), n) for n in os.listdir(run) if (m := CHECKPOINT.fullmatch(n))] \
+        if os.path.isdir(run) else []
+    return [os.path.join(run, n) for _, n in sorted(found)]
+
+
+def latest_checkpoint(run: str) -> str | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    found = checkpoints(run)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run: str, step: int, files: dict, keep: int = 2) -> str:
+    """Write a checkpoint as one unit: files {name: write(path)} into a fresh hidden folder, then one
+    rename makes it run/checkpoint-STEP. A fault or a kill mid-save leaves the previous checkpoint the
+    newest complete one. Keeps the newest `keep`."""
+    final = os.path.join(run, f"checkpoint-{step:06d}")
+    tmp = tempfile.mkdtemp(dir=run, prefix=f".checkpoint-{step:06d}.")
+    try:
+        for name, write in files.items():
+            write(os.path.join(tmp, name))
+        os.chmod(tmp, 0o755)
+        if os.path.exists(final):  # the same step saved again (a resumed run): the new one replaces it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoints(run)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def read_settings(run: str) -> tuple[str, dict]:
+    """(folder holding the run's adapters and run.json, its settings): the newest checkpoint's, or the run
+    folder's own files for a run saved without checkpoints."""
+    from qwen import read_json
+    folder = latest_checkpoint(run) or run
+    path = os.path.join(folder, "run.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run}: no run here (no checkpoint-* folder or run.json): train one with "
+                                "train.py --out, or name its folder")
+    settings = read_json(path)
+    if not isinstance(settings, dict) or "lora" not in settings:
+        raise ValueError(f"{path}: not a run.json written by train.py (no 'lora' settings)")
+    return folder, settings
+
+
+def load_run(run: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Rebuild a trained LayerRoute from its run folder alone: (model in eval mode, tokenizer or None, settings)."""
     from qwen import QwenConfig, load_model, load_tokenizer, random_model
-    with open(os.path.join(folder, "run.json")) as f:
-        settings = json.load(f)
+    folder, settings = read_settings(run)
     if settings.get("random_init"):
         base, tok = random_model(QwenConfig.from_json(settings["random_init"]), device, dtype, settings["seed"]), None
     else:

@@ -1,17 +1,21 @@
 """A single-file Qwen2 decoder: config, weights, forward, KV cache, generation, tokenizer.
 
 Reads the official Qwen2 checkpoint layout (config.json + model.safetensors, sharded or not)
-with the checkpoint's own tensor names, so loading is a strict name match. layerroute.py wraps
-this model with LoRA and routers; nothing here knows about them, except that a KV cache keeps
-only the layers (and batch rows) that actually ran, which is what makes skipped blocks free.
+with the checkpoint's own tensor names, so loading is a strict name match, checked against config.json
+from the files' headers before anything is built. layerroute.py wraps this model with LoRA and routers;
+nothing here knows about them, except that a KV cache keeps only the layers (and batch rows) that
+actually ran, which is what makes skipped blocks free.
 
     python qwen.py --model PATH_OR_HUB_ID --prompt "The capital of France is" --max-new-tokens 16
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -20,7 +24,36 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+
+def read_json(path: str):
+    """A JSON file's content; a file that is not JSON is a ValueError naming the file and where."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+
+
+def cli(main):
+    """Run an entry point. A failure prints one line naming the input and what to do, exit status 2;
+    LAYERROUTE_DEBUG=1 shows the traceback instead."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 (the boundary between the program and its user)
+        if os.environ.get("LAYERROUTE_DEBUG"):
+            raise
+        known = isinstance(e, (ValueError, OSError))  # bad input: a file, field or flag
+        text = " ".join(str(e).split()) if known else f"{type(e).__name__}: {e} (LAYERROUTE_DEBUG=1 shows where)"
+        print(f"{os.path.basename(sys.argv[0])}: error: {text}", file=sys.stderr)
+        sys.exit(2)
 
 
 def set_attention_backends():
@@ -32,8 +65,24 @@ def set_attention_backends():
 
 # ----------------------------------------------------------------------------- config
 
+# Far above any released Qwen2 (72B: 80 layers, d 8192, ff 29568, 64 heads, vocab 152064) and far below
+# what stalls the machine: a mistyped or hostile config.json fails here, before a module is built.
+SIZE_LIMITS = {"hidden_size": 65_536, "intermediate_size": 1_048_576, "num_hidden_layers": 1_000,
+               "num_attention_heads": 1_024, "num_key_value_heads": 1_024, "vocab_size": 4_194_304}
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a layer count
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class QwenConfig:
+    """The fields this decoder reads. The optional ones default as transformers' Qwen2Config does, so a
+    config.json that leaves them out means here what it means there (untied head, RoPE theta 1e4)."""
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -41,29 +90,57 @@ class QwenConfig:
     num_key_value_heads: int
     vocab_size: int
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 1e6
-    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
     head_dim: int = 0  # 0 = hidden_size // num_attention_heads, as Qwen2 defines it
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self):
+        self.check()
+        given = self.head_dim
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            source = "" if given else " (hidden_size / num_attention_heads)"
+            raise ValueError(f"head_dim={self.head_dim}{source} is odd: RoPE rotates pairs of dimensions")
+
+    def check(self):
+        """Each number a whole size within SIZE_LIMITS, the heads consistent: one line naming the field."""
+        for name, limit in SIZE_LIMITS.items():
+            v = getattr(self, name)
+            if not is_int(v) or not 0 < v <= limit:
+                raise ValueError(f"{name}={v!r}: expected a whole number from 1 to {limit:,} "
+                                 "(qwen.SIZE_LIMITS, far above any released Qwen2)")
+        if not is_int(self.head_dim) or not 0 <= self.head_dim <= 4096:
+            raise ValueError(f"head_dim={self.head_dim!r}: expected a whole number from 1 to 4,096 (or leave it out)")
+        if not self.head_dim and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                             f"{self.num_attention_heads}: fix the head count or give head_dim")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings={self.tie_word_embeddings!r}: expected true or false")
 
     @classmethod
     def from_json(cls, path: str) -> "QwenConfig":
         """Read a checkpoint's config.json, refusing the features this decoder does not implement."""
-        with open(path) as f:
-            raw = json.load(f)
-        # Newer exports put rope_theta inside rope_parameters; older ones use rope_scaling for
-        # non-default RoPE. Either way only the plain ("default") rotation is implemented.
-        rope = raw.get("rope_parameters") or {}
-        raw.setdefault("rope_theta", rope.get("rope_theta"))
-        rope_type = {k: (v or {}).get("rope_type", (v or {}).get("type", "default"))
-                     for k, v in (("rope_scaling", raw.get("rope_scaling")), ("rope_parameters", rope))}
+        raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        rope, scaling = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict) or not isinstance(scaling, dict):
+            raise ValueError(f"{path}: rope_parameters and rope_scaling must be JSON objects")
+        # Newer exports put rope_theta inside rope_parameters, and there it wins over a top-level one,
+        # as in transformers. Older exports use rope_scaling for non-default RoPE. Either way only the
+        # plain ("default") rotation is implemented.
+        if rope.get("rope_theta") is not None:
+            raw["rope_theta"] = rope["rope_theta"]
+        rope_type = {k: v.get("rope_type", v.get("type", "default"))
+                     for k, v in (("rope_scaling", scaling), ("rope_parameters", rope))}
         # Each refusal names the field and its value: better a loud error than silently wrong logits.
         unsupported = {
             "model_type": raw.get("model_type") not in ("qwen2", None),
@@ -77,12 +154,25 @@ class QwenConfig:
             if bad:
                 raise ValueError(f"{path}: unsupported {field}={raw[field]!r} (this decoder implements "
                                  "model_type 'qwen2', silu, default RoPE, no sliding window)")
+        if raw.get("num_key_value_heads", 0) is None:  # transformers: null means one per attention head
+            raw["num_key_value_heads"] = raw.get("num_attention_heads")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [n for n in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "num_key_value_heads", "vocab_size") if n not in raw]
+        # The sizes have no default here (transformers' are Qwen2-7B's): a config.json must give them.
+        missing = [n for n in SIZE_LIMITS if raw.get(n) is None]
         if missing:
             raise ValueError(f"{path}: missing required field(s) {missing}")
-        return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def parameter_count(cfg: QwenConfig) -> int:
+    """The parameters of Qwen2(cfg), counted without building it (a tied head adds none)."""
+    d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    block = (d * q + q) + 2 * (d * kv + kv) + q * d + 3 * d * cfg.intermediate_size + 2 * d
+    head = 0 if cfg.tie_word_embeddings else d * cfg.vocab_size
+    return cfg.vocab_size * d + cfg.num_hidden_layers * block + d + head
 
 
 # ----------------------------------------------------------------------------- modules
@@ -241,61 +331,226 @@ def forward_flops(cfg: QwenConfig, context: int) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- loading
 
+MODEL_FILES = "expected config.json and *.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def names_a_local_path(name: str) -> bool:
+    """Whether a name that exists as nothing here still means a local path, not a hub id. A hub id is
+    `name` or `owner/name`: a leading `.`, `~` or `/`, a second `/`, or a first part that is a folder
+    here (`runs/mdoel` beside `runs/`) is a mistyped path, which the hub would reject in its own words."""
+    return (name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name
+            or ("/" in name and os.path.isdir(name.split("/")[0])))
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises for an id it cannot fetch: invalid, not found, gated, offline, no network."""
+    from huggingface_hub import errors
+    found = [errors.HFValidationError, errors.LocalEntryNotFoundError, errors.EntryNotFoundError,
+             errors.OfflineModeIsEnabled, errors.RepositoryNotFoundError, errors.HfHubHTTPError,
+             ConnectionError, TimeoutError]
+    for module, name in (("httpx", "TransportError"), ("requests", "RequestException")):
+        try:  # huggingface_hub 1.x talks through httpx, older versions through requests
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def from_hub(name: str, fetch, instead: str) -> str:
+    """fetch() a hub id's files; failing, one line saying what to pass instead (the cause stays chained)."""
+    try:
+        return fetch()
+    except hub_errors() as e:
+        raise OSError(f"cannot download {name} from the hub (offline?): {instead} [{type(e).__name__}]") from e
+
+
 def resolve(model: str) -> str:
-    """A local folder as is; otherwise a hub id, fetching only config, tokenizer and safetensors."""
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model) or model.startswith((".", "/")):
-        raise FileNotFoundError(f"{model}: not a model folder (expected config.json + *.safetensors)")
+    """A local model folder as is; otherwise a hub id, fetching only config, tokenizer and safetensors."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{model}: no config.json in this folder ({MODEL_FILES})")
+        return path
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{model}: a file, not a model folder ({MODEL_FILES})")
+    if names_a_local_path(model):
+        raise FileNotFoundError(f"{model}: no such model folder ({MODEL_FILES})")
     from huggingface_hub import snapshot_download  # honours HF_HOME, HF_HUB_OFFLINE and its cache
-    return snapshot_download(model, allow_patterns=["config.json", "generation_config.json", "tokenizer.json",
-                                                    "tokenizer_config.json", "*.safetensors",
-                                                    "model.safetensors.index.json"])
+    patterns = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "*.safetensors", INDEX]
+    return from_hub(model, lambda: snapshot_download(model, allow_patterns=patterns),
+                    "pass --model DIR, a folder with config.json and *.safetensors")
 
 
-def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
-    """Every tensor of `model.safetensors` or of the shards its index lists. Never pickle."""
-    index = os.path.join(folder, "model.safetensors.index.json")
+def shard_files(folder: str) -> list[str]:
+    """The safetensors files of a model folder: model.safetensors, or the shards its index lists."""
+    index = os.path.join(folder, INDEX)
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    tensors = {}
-    for name in files:
-        with safe_open(os.path.join(folder, name), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        return [shard_path(folder, index, name) for name in index_shards(index)]
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return [os.path.join(folder, "model.safetensors")]
+    raise FileNotFoundError(f"{folder}: no model.safetensors or {INDEX}")
+
+
+def index_shards(index: str) -> list[str]:
+    """The shard file names an index's weight_map lists, each once."""
+    raw = read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f'{index}: expected {{"weight_map": {{tensor name: shard file name, ...}}}}; '
+                         "re-download or re-save the checkpoint")
+    return sorted(set(weight_map.values()))
+
+
+def shard_path(folder: str, index: str, name: str) -> str:
+    """The path of shard `name`, which must lie in the model folder: an index names files, it is no licence
+    to read elsewhere. A hub snapshot's files are links into its repository's blobs/, which stay allowed."""
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+        raise ValueError(f"{index}: weight_map entry {name!r} is outside the model folder "
+                         f"(shards are files in {folder})")
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{index}: weight_map entry {name!r} is not a file in {folder}; re-download it")
+    home = os.path.realpath(folder)
+    allowed = [home]
+    if os.path.basename(os.path.dirname(home)) == "snapshots":  # <hub cache>/models--owner--name/snapshots/<rev>
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(home)), "blobs"))
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, root]) == root for root in allowed):
+        raise ValueError(f"{index}: weight_map entry {name!r} links outside the model folder (to {real}); "
+                         f"copy the shard into {folder}")
+    return path
+
+
+@contextlib.contextmanager
+def safetensors_file(path: str):
+    """safe_open(path); what safetensors refuses (a truncated file, a garbage header) is a ValueError naming it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it") from None
+
+
+def read_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, from the files' headers alone: no weight is read."""
+    shapes, where = {}, {}
+    for path in files:
+        with safetensors_file(path) as f:
+            for k in f.keys():
+                if k in where:
+                    raise ValueError(f"{path}: tensor {k} is also in {where[k]}; a checkpoint stores each tensor once")
+                shapes[k], where[k] = tuple(f.get_slice(k).get_shape()), path
+    return shapes
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (never pickle). NaN or inf is refused: a corrupt or diverged
+    checkpoint would otherwise load without a word and give NaN logits."""
+    with safetensors_file(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for k, t in tensors.items():
+        if t.is_floating_point() and not all_finite(t):
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            raise ValueError(f"{path}: tensor {k} has {bad:,} NaN or inf values of {t.numel():,}; "
+                             "the file is damaged or the weights diverged: re-download or re-save it")
     return tensors
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t. A finite sum proves it (both propagate), some 30x faster than isfinite() over
+    every element, which runs only when the sum is not finite (a NaN, or a sum that overflowed)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of `model.safetensors` or of the shards its index lists, by its checkpoint name."""
+    return {k: v for path in shard_files(folder) for k, v in read_tensors(path).items()}
+
+
+def our_name(key: str) -> str:
+    """Checkpoint keys are `model.<name>` and `lm_head.weight`; ours drop the `model.` prefix."""
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def check_sizes(cfg: QwenConfig, shapes: dict[str, tuple[int, ...]], config: str):
+    """config.json's layer count and embedding shape against the checkpoint's headers, before anything is
+    built: every layer costs time to build, so a bomb (100,000 layers) has to fail here."""
+    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.") and k.split(".")[1].isdigit()}
+    n = max(layers) + 1 if layers else 0
+    if cfg.num_hidden_layers != n:
+        raise ValueError(f"{config}: num_hidden_layers={cfg.num_hidden_layers} but the checkpoint has {n} layers; "
+                         "fix config.json to match its checkpoint")
+    emb = shapes.get("embed_tokens.weight")
+    if emb is not None and emb != (cfg.vocab_size, cfg.hidden_size):
+        raise ValueError(f"{config}: vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size} but the checkpoint's "
+                         f"embed_tokens.weight is {emb}; fix config.json to match its checkpoint")
+
+
+def mismatches(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Each way the checkpoint's tensors differ from the model's, by name. `expected` has lm_head.weight
+    only when config.json leaves the head untied, so a checkpoint without it says how to tie."""
+    untied = " (config.json unties the head: set tie_word_embeddings true if the head is the embedding)"
+    problems = [f"missing {k} {s}" + (untied if k == "lm_head.weight" else "")
+                for k, s in expected.items() if k not in shapes]
+    problems += [f"unexpected {k}" for k in shapes if k not in expected]
+    problems += [f"shape of {k}: checkpoint {shapes[k]} vs model {s}"
+                 for k, s in expected.items() if k in shapes and shapes[k] != s]
+    return problems
+
+
+def first_few(problems: list[str], shown: int = 5) -> str:
+    """One line: the first problems, then how many more (a wrong size repeats in every layer)."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
+
+
 def load_model(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Qwen2:
-    """Build on the meta device, then assign every checkpoint tensor by its own name."""
+    """Check config.json against the checkpoint's headers, build on the meta device, then assign every
+    checkpoint tensor by its own name."""
     folder = resolve(model)
-    cfg = QwenConfig.from_json(os.path.join(folder, "config.json"))
+    config = os.path.join(folder, "config.json")
+    cfg = QwenConfig.from_json(config)
+    files = shard_files(folder)
+    shapes = {our_name(k): s for k, s in read_shapes(files).items()}
+    check_sizes(cfg, shapes, config)
     with torch.device("meta"):
         net = Qwen2(cfg)
-    # Checkpoint keys are `model.<name>` and `lm_head.weight`; ours drop the `model.` prefix.
-    sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in read_safetensors(folder).items()}
     if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # tied: the head is the embedding (some exports store a copy)
-    expected = {k: v.shape for k, v in net.state_dict().items()
+        shapes.pop("lm_head.weight", None)  # tied: the head is the embedding (some exports store a copy)
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()
                 if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    problems = [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in sd]
-    problems += [f"unexpected {k}" for k in sd if k not in expected]
-    problems += [f"shape of {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(s)}"
-                 for k, s in expected.items() if k in sd and sd[k].shape != s]
+    problems = mismatches(expected, shapes)
     if problems:
-        raise ValueError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
-    net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=False, assign=True)
+        raise ValueError(f"{folder}: checkpoint does not match config.json: {first_few(problems)}")
+    sd = {}
+    for path in files:  # one file's tensors at a time, cast as they come
+        sd.update({our_name(k): v.to(device=device, dtype=dtype) for k, v in read_tensors(path).items()
+                   if our_name(k) in expected})
+    net.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.embed_tokens.weight  # assign=True replaced the embedding: re-tie
     return net.eval()
 
 
+def check_fits_memory(cfg: QwenConfig):
+    """random_model builds in float32 on the CPU: a config that cannot fit fails now, not after minutes of
+    allocating or at the kernel's OOM killer."""
+    n = parameter_count(cfg)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return  # this OS does not say (Windows): the allocator decides
+    if 4 * n > have:
+        raise ValueError(f"random_model: the config's {n:,} parameters need {4 * n / 2**30:,.1f} GiB in float32, more "
+                         f"than this machine's {have / 2**30:,.1f} GiB: check hidden_size, intermediate_size, "
+                         "num_hidden_layers and vocab_size")
+
+
 def random_model(cfg: QwenConfig, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> Qwen2:
     """Exact shapes, random weights (std 0.02, norms 1): for timing and tests with no download."""
+    check_fits_memory(cfg)
     torch.manual_seed(seed)
     net = Qwen2(cfg)
     for name, p in net.named_parameters():
@@ -307,18 +562,21 @@ def random_model(cfg: QwenConfig, device: str = "cpu", dtype: torch.dtype = torc
 def load_tokenizer(source: str):
     """The tokenizer of a model folder or hub id, or a tokenizer.json path (a hub id fetches only that file)."""
     from tokenizers import Tokenizer
-    if os.path.isfile(source):
-        path = source
-    elif os.path.isdir(source):
-        path = os.path.join(source, "tokenizer.json")
-    elif source.startswith((".", "/")) or source.endswith(".json"):
-        raise FileNotFoundError(f"{source}: no such tokenizer.json or model folder")
-    else:
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    elif not os.path.isfile(path):
+        if source.endswith(".json") or names_a_local_path(source):
+            raise FileNotFoundError(f"{source}: no such tokenizer.json or model folder")
         from huggingface_hub import hf_hub_download  # honours HF_HOME, HF_HUB_OFFLINE and its cache
-        path = hf_hub_download(source, "tokenizer.json")
+        path = from_hub(source, lambda: hf_hub_download(source, "tokenizer.json"),
+                        "pass a model folder with tokenizer.json, or the file's path")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing (the tokenizer is read from tokenizer.json)")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a file it cannot parse)
+        raise ValueError(f"{path}: not a readable tokenizer.json ({' '.join(str(e).split())})") from None
 
 
 def stop_ids(cfg: QwenConfig, tokenizer=None) -> set[int]:
@@ -413,4 +671,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

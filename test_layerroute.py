@@ -9,6 +9,10 @@ import json
 import math
 import os
 import re
+import signal
+import socket
+import struct
+import time
 
 import pytest
 import torch
@@ -129,6 +133,350 @@ def test_qwen_flops_hand_count():
     assert per_block == 2 * (attn_w + mlp_w) + 2 * 2 * 896 * 100  # QK^T and AV over 100 keys
     assert head == 2 * 136_134_656  # the tied LM head: 896 x 151,936
     assert 24 * (attn_w + mlp_w) + 136_134_656 == 493_961_216  # ~494M weights that multiply per token
+# Faults in reading configs, checkpoints and model names: each test reproduces one (tiny models, no
+# network: the hub is offline, its cache an empty folder under tmp_path).
+
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """huggingface_hub offline with an empty cache. It reads HF_HUB_OFFLINE and HF_HOME when first
+    imported (transformers has imported it already), so its constants are set as well as the env."""
+    import huggingface_hub.constants as hub
+    home = tmp_path / "hf_home"
+    (home / "hub").mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HOME", str(home))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(home / "hub"))
+    return home / "hub"
+
+
+def one_line_error(fn, *names, kind=(ValueError, OSError)):
+    """fn() fails with a one-line error of `kind` naming each of `names`; its message."""
+    with pytest.raises(kind) as err:
+        fn()
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    for name in names:
+        assert str(name) in msg, (name, msg)
+    return msg
+
+
+def within(seconds, fn):
+    """fn() under a wall-clock alarm, so a fault that runs for minutes fails the test in seconds."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def edit_config(folder, drop=(), **set_fields):
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    for k in drop:
+        raw.pop(k, None)
+    raw.update(set_fields)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def tensor_offset(path, name) -> int:
+    """Where tensor `name`'s bytes start in a safetensors file (8-byte header length, JSON header, data)."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return 8 + n + json.loads(data[8:8 + n])[name]["data_offsets"][0]
+
+
+def small_cfg(**fields) -> dict:
+    return {**{k: v for k, v in tiny_config().items() if k in REQUIRED}, **fields}
+
+
+# -- defaults are transformers' for Qwen2
+
+def test_qwen_config_defaults_are_transformers_qwen2_defaults():
+    from transformers import Qwen2Config
+    theirs, ours = Qwen2Config(), qwen.QwenConfig(**small_cfg())
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    for field in ("rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+
+
+def test_qwen_config_without_tie_or_rope_theta_loads_as_transformers_does(tmp_path, offline_hub):
+    from transformers import Qwen2ForCausalLM
+    write_checkpoint(tmp_path, tie=False)
+    edit_config(tmp_path, drop=("tie_word_embeddings", "rope_theta", "rope_parameters"))
+    ref = Qwen2ForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert not ref.config.tie_word_embeddings and ref.config.rope_parameters["rope_theta"] == 1e4
+    ours = qwen.load_model(str(tmp_path))
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_qwen_rope_parameters_theta_wins_over_a_stale_rope_theta(tmp_path):
+    # transformers takes rope_parameters.rope_theta when a config has both
+    path = tmp_path / "config.json"
+    stale = tiny_config(rope_theta=1e6, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    path.write_text(json.dumps(stale))
+    assert qwen.QwenConfig.from_json(str(path)).rope_theta == 5e5
+
+
+# -- NaN or inf weights
+
+def test_qwen_refuses_nan_weights_naming_tensor_and_file(tmp_path):
+    write_checkpoint(tmp_path)
+    path, name = tmp_path / "model.safetensors", "model.layers.0.mlp.up_proj.weight"
+    with open(path, "r+b") as f:
+        f.seek(tensor_offset(path, name))
+        f.write(b"\xff" * 1000)  # 250 float32 NaNs
+    one_line_error(lambda: qwen.load_model(str(tmp_path)), name, path, "NaN")
+
+
+def test_qwen_refuses_inf_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+    write_checkpoint(tmp_path)
+    path = tmp_path / "model.safetensors"
+    sd = load_file(path)
+    sd["model.norm.weight"][3] = float("inf")
+    save_file(sd, path)
+    one_line_error(lambda: qwen.load_model(str(tmp_path)), "model.norm.weight", path)
+
+
+
+def test_qwen_finite_check_survives_a_sum_that_overflows():
+    big = torch.full((10,), 60_000.0, dtype=torch.float16)  # each finite, their sum inf in float16
+    assert qwen.all_finite(big) and not qwen.all_finite(torch.tensor([1.0, float("nan")]))
+    assert not qwen.all_finite(torch.tensor([float("inf"), -float("inf")]))
+
+
+# -- files that are not what they say, each named in a one-line error
+
+def corrupt_config(folder):
+    (folder / "config.json").write_text('{"hidden_size": 64,')
+    return folder / "config.json"
+
+
+def deep_config(folder):
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return folder / "config.json"
+
+
+def corrupt_index(folder):
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    return folder / "model.safetensors.index.json"
+
+
+def deep_index(folder):
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return folder / "model.safetensors.index.json"
+
+
+def index_without_weight_map(folder):
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    return folder / "model.safetensors.index.json"
+
+
+def truncated_safetensors(folder):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def garbage_header(folder):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + b"\x00garbage, not JSON" + data[8 + 18:])
+    return path
+
+
+@pytest.mark.parametrize("damage", [corrupt_config, deep_config, corrupt_index, deep_index, index_without_weight_map,
+                                    truncated_safetensors, garbage_header])
+def test_qwen_unreadable_file_is_one_line_naming_it(tmp_path, damage):
+    write_checkpoint(tmp_path, shard="index" in damage.__name__, tie=False)
+    path = damage(tmp_path)
+    one_line_error(lambda: qwen.load_model(str(tmp_path)), path)
+
+
+def test_qwen_shard_the_index_lists_but_the_folder_lacks(tmp_path):
+    write_checkpoint(tmp_path, shard=True, tie=False)
+    index = tmp_path / "model.safetensors.index.json"
+    shard = sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+    os.remove(tmp_path / shard)
+    one_line_error(lambda: qwen.load_model(str(tmp_path)), index, shard, kind=FileNotFoundError)
+
+
+
+def test_qwen_unreadable_tokenizer_json_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')
+    one_line_error(lambda: qwen.load_tokenizer(str(tmp_path)), tmp_path / "tokenizer.json", kind=ValueError)
+
+
+# -- resource bombs fail before anything is built
+
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", 100_000), ("hidden_size", 10 ** 7),
+                                         ("intermediate_size", 10 ** 9), ("vocab_size", 10 ** 9),
+                                         ("num_attention_heads", 10 ** 6)])
+def test_qwen_config_bomb_fails_fast_naming_the_field(tmp_path, field, value):
+    write_checkpoint(tmp_path)
+    path = edit_config(tmp_path, **{field: value})
+    start = time.perf_counter()
+    within(5, lambda: one_line_error(lambda: qwen.load_model(str(tmp_path)), path, field))
+    within(5, lambda: one_line_error(lambda: qwen.random_model(qwen.QwenConfig.from_json(str(path))), field))
+    assert time.perf_counter() - start < 3
+
+
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", 900), ("hidden_size", 4096), ("vocab_size", 10 ** 6)])
+def test_qwen_config_checked_against_checkpoint_headers_before_building(tmp_path, monkeypatch, field, value):
+    write_checkpoint(tmp_path)
+    path = edit_config(tmp_path, **{field: value})
+    monkeypatch.setattr(qwen, "Qwen2", None)  # building anything at all would fail differently
+    within(5, lambda: one_line_error(lambda: qwen.load_model(str(tmp_path)), path, field))
+
+
+@pytest.mark.parametrize("fields,named", [
+    ({"hidden_size": 0}, "hidden_size"), ({"num_key_value_heads": -2}, "num_key_value_heads"),
+    ({"vocab_size": 300.0}, "vocab_size"), ({"intermediate_size": "96"}, "intermediate_size"),
+    ({"num_hidden_layers": True}, "num_hidden_layers"), ({"num_hidden_layers": 1001}, "num_hidden_layers"),
+    ({"num_attention_heads": 5}, "num_attention_heads"),  # 64 is not 5 heads of a whole size
+    ({"head_dim": 15}, "head_dim"), ({"rope_theta": 0}, "rope_theta"), ({"rms_norm_eps": "1e-6"}, "rms_norm_eps"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings")])
+def test_qwen_config_refuses_bad_numbers_naming_the_field(tmp_path, fields, named):
+    one_line_error(lambda: qwen.QwenConfig(**small_cfg(**fields)), named, kind=ValueError)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config(**fields)))
+    one_line_error(lambda: qwen.QwenConfig.from_json(str(path)), path, named, kind=ValueError)
+
+
+def test_qwen_config_head_dim_given_needs_no_divisible_hidden_size():
+    cfg = qwen.QwenConfig(**small_cfg(num_attention_heads=6, num_key_value_heads=2, head_dim=16))
+    assert cfg.head_dim == 16
+
+
+def test_qwen_parameter_count_is_the_built_models():
+    for tie in (True, False):
+        cfg = qwen.QwenConfig(**small_cfg(tie_word_embeddings=tie))
+        assert qwen.parameter_count(cfg) == sum(p.numel() for p in qwen.Qwen2(cfg).parameters())
+
+
+def test_qwen_random_model_too_big_for_memory_fails_fast():
+    cfg = qwen.QwenConfig(hidden_size=65_536, intermediate_size=1_048_576, num_hidden_layers=1_000,
+                          num_attention_heads=512, num_key_value_heads=512, vocab_size=4_194_304)
+    within(5, lambda: one_line_error(lambda: qwen.random_model(cfg), "random_model", "GiB", kind=ValueError))
+
+
+# -- shards named outside the model folder
+
+@pytest.mark.parametrize("entry", ["../other/model.safetensors", "ABSOLUTE", "link.safetensors"])
+def test_qwen_index_entry_outside_the_folder_is_refused(tmp_path, entry):
+    write_checkpoint(tmp_path / "other")
+    outside = tmp_path / "other" / "model.safetensors"
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text((tmp_path / "other" / "config.json").read_text())
+    if entry == "ABSOLUTE":
+        entry = str(outside)
+    if entry == "link.safetensors":
+        os.symlink(outside, model / entry)
+    from safetensors import safe_open
+    with safe_open(str(outside), framework="pt") as f:
+        weight_map = {k: entry for k in f.keys()}
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    one_line_error(lambda: qwen.load_model(str(model)), index, entry)
+
+
+def fake_hub_snapshot(cache, ref_folder, repo="org/tiny", rev="0" * 40):
+    """The hub cache's layout: snapshots/<rev>/<file> are links into blobs/, refs/main names the revision."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(rev)
+    snap = root / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(ref_folder))):
+        blob = root / "blobs" / f"blob{i}"
+        blob.write_bytes((ref_folder / name).read_bytes())
+        os.symlink(os.path.join("..", "..", "blobs", blob.name), snap / name)
+    return snap
+
+
+def test_qwen_hub_cache_links_into_blobs_still_load(tmp_path, offline_hub):
+    ref = write_checkpoint(tmp_path / "src", shard=True, tie=False)
+    fake_hub_snapshot(offline_hub, tmp_path / "src")
+    ours = qwen.load_model("org/tiny")  # offline: resolved from the cache, links and all
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+# -- model names: a mistyped local path is not a hub id; a hub id that cannot be fetched says so
+
+@pytest.mark.parametrize("name", ["runs/mdoel", "./x", "a/b/c", "~/no-such-model", "/no/such/model", "../up"])
+def test_qwen_mistyped_local_path_is_a_missing_folder(tmp_path, monkeypatch, offline_hub, name):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "runs").mkdir()
+    one_line_error(lambda: qwen.resolve(name), name, "no such model folder", kind=FileNotFoundError)
+    one_line_error(lambda: qwen.load_model(name), name, "no such model folder", kind=FileNotFoundError)
+    one_line_error(lambda: qwen.load_tokenizer(name), name, kind=FileNotFoundError)
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2"])
+def test_qwen_hub_id_offline_is_one_line_saying_what_to_pass(tmp_path, monkeypatch, offline_hub, name):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(lambda: qwen.load_model(name), f"cannot download {name} from the hub", "--model DIR",
+                   kind=OSError)
+    one_line_error(lambda: qwen.load_tokenizer(name), f"cannot download {name} from the hub", kind=OSError)
+
+
+def test_qwen_folder_without_config_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(lambda: qwen.load_model(str(tmp_path / "empty")), tmp_path / "empty", "config.json",
+                   kind=FileNotFoundError)
+
+
+# -- a checkpoint that does not match config.json: one line
+
+def test_qwen_mismatch_is_one_line_with_the_first_few_problems(tmp_path):
+    write_checkpoint(tmp_path)
+    edit_config(tmp_path, intermediate_size=97)  # 3 MLP shapes in each of 2 layers
+    msg = one_line_error(lambda: qwen.load_model(str(tmp_path)), "does not match config.json",
+                         "shape of layers.0.mlp.gate_proj.weight", kind=ValueError)
+    assert msg.count("; ") == 5 and msg.endswith("and 1 more"), msg
+
+
+def test_qwen_untied_config_missing_head_says_how_to_tie(tmp_path):
+    from safetensors.torch import load_file, save_file
+    write_checkpoint(tmp_path, tie=False)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, tmp_path / "model.safetensors")
+    one_line_error(lambda: qwen.load_model(str(tmp_path)), "missing lm_head.weight", "tie_word_embeddings",
+                   kind=ValueError)
+
+
+def test_qwen_cli_prints_one_line(tmp_path, capsys, monkeypatch):
+    write_checkpoint(tmp_path)
+    truncated_safetensors(tmp_path)
+    monkeypatch.delenv("LAYERROUTE_DEBUG", raising=False)
+    capsys.readouterr()  # transformers' progress bar from writing the checkpoint
+    with pytest.raises(SystemExit) as done:
+        qwen.cli(lambda: qwen.load_model(str(tmp_path)))
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.safetensors" in err and "Error:" not in err, err
+
+
 # ---- end qwen ----
 
 # ---- data ----
@@ -369,6 +717,269 @@ def test_data_cli_json_summary(tmp_path, capsys):
     assert out["sources"]["hermes"]["records"] == 2 and out["steps"]["tool_call"] == 4
     assert sum(out["splits"].values()) == 14 and set(out["lengths"]) == set(data.KINDS)
     assert 0 <= out["padding"]["grouped"] <= out["padding"]["fixed"] < 1
+
+# Faults in reading files: a bad byte, number, nesting or cut costs its record, not its file; gsm8k's
+# test file is found by a whole word; skip reports; offline downloads.
+
+BIG = "9" * 5000  # past Python's 4,300-digit limit: json.loads raises ValueError on it
+DEEP = "[" * 100_000 + "]" * 100_000  # past Python's recursion limit: json.loads raises RecursionError
+
+
+def gsm8k_line(i: int, extra: str = "") -> bytes:
+    return (f'{{"question": "q{i}?", "answer": "a\\n#### {i}"{extra}}}\n').encode()
+
+
+def conversation(i: int, call: str | None = None) -> dict:
+    """A sharegpt tool conversation; `call` replaces its function_call text."""
+    call = call or json.dumps({"name": "get_time", "arguments": {"city": f"c{i}"}})
+    return {"tools": json.dumps([{"name": "get_time", "parameters": {}}]), "conversations": [
+        {"from": "human", "value": f"Time in city {i}?"}, {"from": "function_call", "value": call},
+        {"from": "observation", "value": f"{i}:00"}, {"from": "gpt", "value": f"It is {i}:00."}]}
+
+
+def array_file(records: list) -> bytes:
+    """A JSON array with one element per line, so a test can corrupt exactly one element."""
+    return ("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n").encode()
+
+
+def load(folder):
+    steps, summary = data.load_steps(str(folder))
+    return steps, summary["sources"], summary
+
+
+# -- a bad record costs that record, not its file
+
+def test_jsonl_line_not_utf8_costs_that_line(tmp_path):
+    write_tiny_data(tmp_path)
+    lines = (tmp_path / "train.jsonl").read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"What", b"Wh\xffat")
+    (tmp_path / "train.jsonl").write_bytes(b"".join(lines))
+    _, src, _ = load(tmp_path)
+    assert src["gsm8k"]["records"] == 39 and src["gsm8k"]["skipped"] == {"not UTF-8": 1}
+    assert src["gsm8k"]["first_skipped"]["not UTF-8"] == f"{tmp_path / 'train.jsonl'}#3"
+
+
+def test_json_array_byte_not_utf8_costs_that_record(tmp_path):
+    records = [conversation(i) for i in range(5)]
+    text = array_file(records).replace(b"Time in city 2?", b"Time in city \xe9?")  # latin-1, not UTF-8
+    (tmp_path / "tools.json").write_bytes(text)
+    _, src, _ = load(tmp_path)
+    assert src["sharegpt"]["records"] == 4 and src["sharegpt"]["skipped"] == {"not UTF-8": 1}
+    assert src["sharegpt"]["first_skipped"]["not UTF-8"].endswith("tools.json#2")
+
+
+def test_escaped_lone_surrogate_is_not_utf8(tmp_path):
+    # Valid JSON, but "\ud800" alone is no character: the tokenizer raises on it mid-training.
+    (tmp_path / "train.jsonl").write_bytes(gsm8k_line(1) + b'{"question": "q\\ud800?", "answer": "#### 2"}\n')
+    steps, src, _ = load(tmp_path)
+    assert [s.answer for s in steps] == ["1"] and src["gsm8k"]["skipped"] == {"not UTF-8": 1}
+
+
+def test_integer_too_long_costs_that_record(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(gsm8k_line(1) + gsm8k_line(2, f', "n": {BIG}') + gsm8k_line(3))
+    (tmp_path / "tools.json").write_text(
+        "[" + json.dumps(conversation(0)) + ', {"n": -' + BIG + "}, " + json.dumps(conversation(1)) + "]")
+    _, src, _ = load(tmp_path)
+    assert src["gsm8k"]["records"] == 2 and src["gsm8k"]["skipped"] == {"integer too long": 1}
+    assert src["gsm8k"]["first_skipped"]["integer too long"].endswith("train.jsonl#1")
+    assert src["sharegpt"]["records"] == 2 and src["sharegpt"]["skipped"] == {"integer too long": 1}
+
+
+def test_integer_too_long_in_call_arguments_costs_that_record(tmp_path):
+    # glaive quotes the arguments as a JSON string, OpenAI writes them as one, sharegpt's call is
+    # a string: all three are parsed after reading, where a ValueError used to stop the whole load.
+    glaive = [{"system": "SYSTEM: You are a helpful assistant with access to the following functions. "
+               "Use them if required -\n{\n    \"name\": \"convert\",\n    \"parameters\": {}\n}\n",
+               "chat": f"USER: {amount} USD?\n\n\nASSISTANT: <functioncall> {{\"name\": \"convert\", "
+               f"\"arguments\": '{{\"amount\": {amount}}}'}} <|endoftext|>"} for amount in ("5", BIG)]
+    (tmp_path / "glaive-function-calling-v2.json").write_text(json.dumps(glaive))
+    openai = [{"id": f"o{i}", "messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "ping", "arguments": f'{{"n": {n}}}'}}]}]} for i, n in enumerate(("1", BIG))]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in openai))
+    calls = [json.dumps({"name": "get_time", "arguments": {}}), '{"name": "get_time", "arguments": {"n": ' + BIG + "}}"]
+    (tmp_path / "tools.json").write_text(json.dumps([conversation(i, c) for i, c in enumerate(calls)]))
+    _, src, _ = load(tmp_path)
+    for source in ("glaive", "openai", "sharegpt"):
+        assert src[source]["records"] == 1 and src[source]["skipped"] == {"integer too long": 1}, source
+
+
+def test_truncated_json_array_keeps_records_before_the_cut(tmp_path):
+    text = array_file([conversation(i) for i in range(5)])
+    cut = text[:text.index(b"Time in city 3")]
+    (tmp_path / "tools.json").write_bytes(cut)
+    steps, src, _ = load(tmp_path)
+    reason = f"file truncated at byte {len(cut)}"
+    assert src["sharegpt"]["records"] == 3 and src["sharegpt"]["skipped"] == {reason: 1}
+    assert src["sharegpt"]["first_skipped"][reason].endswith("tools.json#3")
+    # Cut between elements, or just before the closing bracket: every record kept, the cut counted.
+    for cut in (text[:text.index(b"\n]")], text[:text.index(b",\n") + 1]):
+        (tmp_path / "tools.json").write_bytes(cut)
+        _, src, _ = load(tmp_path)
+        assert src["sharegpt"]["skipped"] == {f"file truncated at byte {len(cut)}": 1}
+        assert src["sharegpt"]["records"] == (5 if cut.endswith(b"}") else 1)
+
+
+def test_broken_array_element_costs_only_itself(tmp_path):
+    # A raw tab inside a string is not JSON; a missing value is not either. Both elements go, their
+    # neighbours stay.
+    records = [conversation(i) for i in range(5)]
+    text = array_file(records).replace(b"Time in city 1?", b"Time in\tcity 1?").replace(b"4:00.", b'4:00.", "x": ,"')
+    (tmp_path / "tools.json").write_bytes(text)
+    _, src, _ = load(tmp_path)
+    assert src["sharegpt"]["records"] == 3 and src["sharegpt"]["skipped"] == {"not valid JSON": 2}
+    assert src["sharegpt"]["first_skipped"]["not valid JSON"].endswith("tools.json#1")
+
+
+def test_json_file_neither_array_nor_object_is_one_skip(tmp_path):
+    write_tiny_data(tmp_path)
+    (tmp_path / "notes.json").write_text('"just a string"')
+    (tmp_path / "numbers.json").write_text("[1, 2, 3]")
+    _, _, summary = load(tmp_path)
+    ignored = {os.path.basename(p): why for p, why in summary["ignored_files"].items()}
+    assert ignored["notes.json"] == "no readable record (1 x not a JSON array or object of records)"
+    assert ignored["numbers.json"] == "no readable record (3 x record is not a JSON object)"
+
+
+def test_deep_nesting_costs_that_record(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(gsm8k_line(1) + DEEP.encode() + b"\n" + gsm8k_line(3))
+    (tmp_path / "tools.json").write_text("[" + json.dumps(conversation(0)) + ", " + DEEP + ", "
+                                         + json.dumps(conversation(1)) + "]")
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(
+        {"id": f"o{i}", "messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "tool_calls": [
+            {"function": {"name": "ping", "arguments": '{"n": ' + a + "}"}}]}]}) + "\n" for i, a in enumerate(("1", DEEP))))
+    _, src, _ = load(tmp_path)
+    for source in ("gsm8k", "sharegpt", "openai"):
+        assert src[source]["skipped"] == {"nested too deeply": 1}, source
+    assert (src["gsm8k"]["records"], src["sharegpt"]["records"], src["openai"]["records"]) == (2, 2, 1)
+
+
+def test_jsonl_splits_lines_at_newlines_only(tmp_path):
+    # JSON strings may hold U+2028 and U+0085 raw; str.splitlines() cut those records in two.
+    line = json.dumps({"question": "a\u2028b\x85c?", "answer": "#### 7"}, ensure_ascii=False)
+    (tmp_path / "train.jsonl").write_text(line + "\r\n" + gsm8k_line(8).decode(), encoding="utf-8")
+    steps, src, _ = load(tmp_path)
+    assert sorted(s.answer for s in steps) == ["7", "8"] and src["gsm8k"]["skipped"] == {}
+
+
+def test_jsonl_file_with_no_readable_line_is_ignored_with_why(tmp_path):
+    write_tiny_data(tmp_path)
+    (tmp_path / "broken.jsonl").write_bytes(b"\xff\xfe\n{oops\n")
+    _, _, summary = load(tmp_path)
+    (why,) = [w for p, w in summary["ignored_files"].items() if p.endswith("broken.jsonl")]
+    assert why == "no readable record (1 x not UTF-8, 1 x line is not a JSON object)"
+
+
+def test_cut_parquet_file_is_ignored_naming_why(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    write_tiny_data(tmp_path)
+    pq.write_table(pa.table({"question": ["q?"], "answer": ["#### 1"]}), tmp_path / "test.parquet")
+    (tmp_path / "test.parquet").write_bytes((tmp_path / "test.parquet").read_bytes()[:100])
+    _, _, summary = load(tmp_path)
+    assert summary["ignored_files"][str(tmp_path / "test.parquet")].startswith("not a readable parquet file (")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'test.parquet'}: not a readable parquet file"):
+        data.read_records(tmp_path / "test.parquet")  # what download() would raise for a cut hub file
+
+
+# -- gsm8k's test file, by a whole word of its name
+
+@pytest.mark.parametrize("name, split", [
+    ("test.jsonl", "test"), ("gsm8k_test.jsonl", "test"), ("main_test.jsonl", "test"),
+    ("test-00000-of-00001.jsonl", "test"), ("gsm8k.test.jsonl", "test"),
+    ("gsm8k_latest.jsonl", "train"), ("contest.jsonl", "train"), ("attestation.jsonl", "train"),
+    ("train.jsonl", "train")])
+def test_gsm8k_test_file_is_a_whole_word(tmp_path, name, split):
+    (tmp_path / name).write_bytes(b"".join(gsm8k_line(i) for i in range(40)))
+    steps, _, _ = load(tmp_path)
+    splits = {s.split for s in steps}
+    if split == "test":
+        assert splits == {"test"}
+    else:  # a train file: 5% of it is val
+        assert "train" in splits and splits <= {"train", "val"}
+
+
+# -- what train.py and eval.py print
+
+def test_skip_report_says_what_was_skipped_and_ignored(tmp_path):
+    _, summary = data.load_steps(write_fixtures(tmp_path))
+    report = data.skip_report(summary)
+    assert report.startswith(f"data: skipped 4 records (openai: 1 x line is not a JSON object at "
+                             f"{tmp_path / 'chats.jsonl'}#1; glaive: 1 x missing or non-str field 'chat' at ")
+    assert "; hermes: 1 x tool call is neither JSON nor a Python literal at " in report
+    assert report.endswith("ignored 2 files (2 x not a .json/.jsonl/.parquet file, first "
+                           f"{tmp_path / 'LICENSE'})")
+    assert "\n" not in report  # one line: qwen.cli folds an error's text onto one line anyway
+    hand = {"sources": {"glaive": {"skipped": {"not UTF-8": 2}, "first_skipped": {"not UTF-8": "g.json#4"}},
+                        "gsm8k": {"skipped": {"integer too long": 1}, "first_skipped": {"integer too long": "t.jsonl#0"}}},
+            "ignored_files": {"x.txt": "not a .json/.jsonl/.parquet file"}}
+    assert data.skip_report(hand) == ("data: skipped 3 records (glaive: 2 x not UTF-8, first at g.json#4; "
+                                      "gsm8k: 1 x integer too long at t.jsonl#0), ignored 1 file "
+                                      "(x.txt: not a .json/.jsonl/.parquet file)")
+    write_tiny_data(tmp_path / "clean")
+    assert data.skip_report(data.load_steps(str(tmp_path / "clean"))[1]) == "data: nothing skipped"
+
+
+def test_skip_report_stays_short_with_many_reasons():
+    skipped = {f"reason {i}": 1 for i in range(20)}
+    hand = {"sources": {"glaive": {"skipped": skipped, "first_skipped": {r: "g.json#0" for r in skipped}}},
+            "ignored_files": {f"f{i}.txt": f"why {i}" for i in range(20)}}
+    report = data.skip_report(hand)
+    assert report.startswith("data: skipped 20 records (glaive: 1 x reason 0 at g.json#0; ")
+    assert "; and 16 more), ignored 20 files (" in report and report.endswith("; and 16 more)")
+    assert len(report) < 400
+
+
+def test_require_kinds_names_missing_kind_split_and_skips(tmp_path):
+    write_tiny_data(tmp_path)
+    (tmp_path / "tools.json").unlink()  # gsm8k only: planning rows, no tool calls
+    (tmp_path / "x.txt").write_text("notes")
+    steps, summary = data.load_steps(str(tmp_path))
+    data.require_kinds(steps, ("planning",), "train", str(tmp_path))
+    with pytest.raises(ValueError) as e:
+        data.require_kinds(steps, ("tool_call", "planning"), "train", str(tmp_path), summary)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path}: no tool_call steps in the train split (this run needs tool_call and "
+                          "planning rows; add hermes, glaive, sharegpt or openai files whose conversations make calls)")
+    assert msg.endswith(
+        f"; data: nothing skipped, ignored 1 file ({tmp_path / 'x.txt'}: not a .json/.jsonl/.parquet file)")
+    with pytest.raises(ValueError, match=r"^DATA: no planning steps in the test split \(.*gsm8k or Turing files\)$"):
+        data.require_kinds([s for s in steps if s.split != "test"], ("planning",), "test", "DATA")
+
+
+# -- offline
+
+def test_offline_download_says_what_and_to_pass_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    hub = pytest.importorskip("huggingface_hub.constants")
+    # Imported earlier in this process, the hub read its settings then: point its cache here too.
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was touched")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(OSError) as e:
+        data.load_steps(None)
+    msg = str(e.value)
+    repo, name = data.HUB_FILES[0][1:]
+    assert f"could not download {name} from the hub dataset {repo}" in msg
+    assert "HF_HUB_OFFLINE" in msg and "pass --data-dir FOLDER" in msg and "\n" not in msg
+
+
+# -- the printed summary
+
+def test_print_summary_lists_new_reasons(tmp_path, capsys):
+    write_tiny_data(tmp_path)
+    with open(tmp_path / "train.jsonl", "ab") as f:
+        f.write(b'{"question": "\xff", "answer": "#### 1"}\n' + gsm8k_line(2, f', "n": {BIG}'))
+    _, summary = data.load_steps(str(tmp_path))
+    data.print_summary(summary)
+    out = capsys.readouterr().out
+    assert f"gsm8k: 1 x not UTF-8 (first: {tmp_path / 'train.jsonl'}#40)" in out
+    assert f"gsm8k: 1 x integer too long (first: {tmp_path / 'train.jsonl'}#41)" in out
+    json.dumps(summary)  # --json still prints it
+
 
 # ---- end data ----
 
@@ -662,6 +1273,12 @@ def train_args(tmp_path, *extra):
                              "--log-every", "1", "--save-every", "3", *extra])
 
 
+def adapters_of(run) -> dict:
+    """The trained tensors of a run's newest checkpoint."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(lr.latest_checkpoint(str(run)), "adapters.safetensors"))
+
+
 def test_train_steps_zero_prints_counts(tmp_path, capsys):
     train.train(train_args(tmp_path, "--steps", "0", "--out", str(tmp_path / "run")))
     err = capsys.readouterr().err
@@ -742,7 +1359,7 @@ def test_help_shows_every_default(module, capsys, monkeypatch):
     text = capsys.readouterr().out.split("options:")[1]
     blocks = re.split(r"\n  (?=-)", text)[1:]
     assert len(blocks) >= {"train": 34, "eval": 20, "data": 7, "qwen": 7}[module]
-    switches = ("--help", "--resume", "--check-syncs", "--json", "--chat", "--run ", "--runs", "--prompt")
+    switches = ("--help", "--resume", "--overwrite", "--check-syncs", "--json", "--chat", "--run ", "--runs", "--prompt")
     for block in blocks:
         if block.startswith("-h") or block.startswith(switches):
             continue  # off unless given, or required
@@ -758,7 +1375,7 @@ def test_train_lowers_the_loss(tmp_path, mode):
     assert [r["step"] for r in log] == list(range(1, 31))
     first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
     assert last < first - 0.2, (first, last)  # starts near ln(300) = 5.70 nats, a uniform guess
-    run = json.loads((out / "run.json").read_text())
+    run = lr.read_settings(str(out))[1]
     assert run["step"] == 30 and run["model"] == str(tmp_path / "model")
     assert run["recipe"] == "layerroute" and run["gate_grad"] == mode and run["lora_rank"] == 32  # as used
     # the default, recorded as used: both blocks of this 2-layer model; straight-through flips none
@@ -792,15 +1409,104 @@ def test_train_resume_equals_uninterrupted(tmp_path, mode, start, step):
                                "--out", str(out), step, *extra), **kw)
     run(whole)
     run(cut, stop_at=3)  # "interrupted"
-    assert json.loads((cut / "run.json").read_text())["step"] == 3
+    assert lr.read_settings(str(cut))[1]["step"] == 3
     run(cut, "--resume")
-    from safetensors.torch import load_file
-    a, b = load_file(whole / "adapters.safetensors"), load_file(cut / "adapters.safetensors")
+    a, b = (adapters_of(d) for d in (whole, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    lam = [json.loads((d / "run.json").read_text())["lambda_now"] for d in (whole, cut)]
+    lam = [lr.read_settings(str(d))[1]["lambda_now"] for d in (whole, cut)]
     assert lam[0] == lam[1] != start  # the dual-ascent lambda (or price) moved, and resumed where it was
-    with pytest.raises(ValueError, match="--resume: lr"):
+    with pytest.raises(ValueError, match="--resume: --lr 1.0 but the run"):
         run(cut, "--resume", "--lr", "1")
+def test_train_refuses_a_run_in_out_unless_told(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(train_args(tmp_path, "--steps", "2", "--out", str(out)))
+    before = adapters_of(out)
+    (out / "report.json").write_text("{}")  # an evaluation of the adapters about to be replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--resume continues it, --overwrite replaces it"):
+        train.train(train_args(tmp_path, "--steps", "2", "--seed", "1", "--out", str(out)))
+    assert all(torch.equal(before[k], v) for k, v in adapters_of(out).items())  # untouched
+    train.train(train_args(tmp_path, "--steps", "2", "--seed", "1", "--out", str(out), "--overwrite"))
+    log = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2] and not (out / "report.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert not all(torch.equal(before[k], v) for k, v in adapters_of(out).items())
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train.train(train_args(tmp_path, "--steps", "2", "--out", str(tmp_path / "new"), "--resume"))
+
+
+def test_train_checkpoint_is_whole_or_absent_after_a_fault(tmp_path, monkeypatch):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train.train(train_args(tmp_path, "--steps", "6", "--out", str(whole)))
+    real = train.save_file
+
+    def disk_full_at_step_6(tensors, path):
+        if "checkpoint-000006" in path and path.endswith("adapters.safetensors"):
+            raise OSError(28, "No space left on device")
+        real(tensors, path)
+    monkeypatch.setattr(train, "save_file", disk_full_at_step_6)
+    with pytest.raises(OSError, match="No space"):
+        train.train(train_args(tmp_path, "--steps", "6", "--out", str(cut)))
+    monkeypatch.setattr(train, "save_file", real)
+    assert sorted(os.listdir(cut)) == ["checkpoint-000003", "log.jsonl"]  # no half-written checkpoint
+    # A kill mid-save leaves a hidden partial folder: never taken for a checkpoint.
+    (cut / ".checkpoint-000006.x").mkdir()
+    (cut / ".checkpoint-000006.x" / "run.json").write_text('{"step": 6}')
+    assert lr.latest_checkpoint(str(cut)).endswith("checkpoint-000003")
+    train.train(train_args(tmp_path, "--steps", "6", "--out", str(cut), "--resume"))
+    a, b = adapters_of(whole), adapters_of(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the result of the uninterrupted run
+    steps = [json.loads(line)["step"] for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # lines past the checkpoint resumed from are logged once
+    assert [os.path.basename(c) for c in lr.checkpoints(str(cut))] == ["checkpoint-000003", "checkpoint-000006"]
+
+
+@pytest.mark.parametrize("flag,value", [("--warmup", "3"), ("--price", "0.05"), ("--lora-dropout", "0.1"),
+                                        ("--pooling", "reference"), ("--router-init", "band"),
+                                        ("--tool-fraction", "0.3"), ("--data-dir", None), ("--recipe", "paper")])
+def test_train_resume_refuses_a_changed_setting(tmp_path, flag, value):
+    out = tmp_path / "run"
+    train.train(train_args(tmp_path, "--steps", "4", "--out", str(out)), stop_at=3)
+    if flag == "--data-dir":
+        import shutil
+        value = str(shutil.copytree(tmp_path / "data", tmp_path / "other"))
+    with pytest.raises(ValueError, match=f"--resume: {flag} {value} but the run in"):
+        train.train(train_args(tmp_path, "--steps", "4", "--out", str(out), "--resume", flag, value))
+    train.train(train_args(tmp_path, "--steps", "4", "--out", str(out), "--resume", "--log-every", "2"))
+    assert lr.read_settings(str(out))[1]["step"] == 4  # what does not change the result may change
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "-5"], "--steps: must be >= 0"), (["--max-len", "1"], "--max-len: must be >= 8"),
+    (["--tool-fraction", "2"], "--tool-fraction: must be <= 1"), (["--batch-size", "-2"], "--batch-size: must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"), (["--grad-accum", "0"], "--grad-accum: must be >= 1"),
+    (["--lora-rank", "0"], "--lora-rank: must be >= 1"), (["--save-every", "0"], "--save-every: must be >= 1"),
+    (["--lr", "nan"], "--lr: must be > 0"), (["--lora-dropout", "1"], "--lora-dropout: must be < 1"),
+    (["--steps", "ten"], "--steps: expected an integer, got 'ten'")])
+def test_train_refuses_nonsense_numbers_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_never_writes_through_a_planted_link(tmp_path):
+    out, outside = tmp_path / "run", tmp_path / "outside.txt"
+    outside.write_text("keep")
+    train.train(train_args(tmp_path, "--steps", "6", "--out", str(out)), stop_at=3)
+    (out / "run.json.tmp").symlink_to(outside)  # the old temporary name
+    (out / "log.jsonl").rename(tmp_path / "log.jsonl")
+    (out / "log.jsonl").symlink_to(outside)
+    with pytest.raises(OSError, match="log.jsonl: a symbolic link"):
+        train.append_line(str(out / "log.jsonl"), "{}\n")
+    train.train(train_args(tmp_path, "--steps", "6", "--out", str(out), "--resume"))
+    assert outside.read_text() == "keep" and not (out / "log.jsonl").is_symlink()  # the resume wrote its own
+    lr.write_json(str(out / "report.json"), {"a": 1})
+    (out / "report.json").unlink()
+    (out / "report.json").symlink_to(outside)
+    lr.write_json(str(out / "report.json"), {"a": 2})  # replaces the link, never writes its target
+    assert outside.read_text() == "keep" and json.loads((out / "report.json").read_text()) == {"a": 2}
+
+
 def fast_and_eager_steps(tmp_path, mode):
     """One micro-batch's loss and gradients through train.micro_loss, eager and fixed-shape (compiled)."""
     if not (tmp_path / "model" / "config.json").exists():
@@ -1079,3 +1785,39 @@ def test_eval_cli_end_to_end(tmp_path, capsys, one_thread):
     assert scatter.get_title().startswith("run (all split): ")
     assert "gate threshold 0.3" in [t.get_text() for t in scatter.get_legend().get_texts()]
 # ---- end eval ----
+
+def test_eval_checks_its_output_before_the_work_and_prints_before_writing(tmp_path, capsys, monkeypatch, one_thread):
+    train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
+    argv = ["--run", str(tmp_path / "run"), "--split", "all", "--n", "2", "--gen-n", "0", "--latency-n", "0",
+            "--bootstrap", "10"]
+    monkeypatch.setattr(lr, "load_run", lambda *a, **k: pytest.fail("the work began"))
+    with pytest.raises(OSError, match="nowhere: no such folder"):
+        ev.main(argv + ["--out", str(tmp_path / "nowhere" / "report.json")])
+    if os.path.isdir("/proc/self"):  # a folder nobody can write, not even root
+        with pytest.raises(OSError, match="cannot write there"):
+            ev.main(argv + ["--out", "/proc/self/report.json"])
+    monkeypatch.undo()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(lr, "write_json", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ev.main(argv)
+    assert "skip differential" in capsys.readouterr().out  # the table came first: nothing computed is lost
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--run", "x", "--n", "-1"])
+    assert "--n: must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line_naming_the_input(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{not json")
+    env = {**os.environ, "LAYERROUTE_DEBUG": ""}
+    done = subprocess.run([sys.executable, "eval.py", "--run", str(tmp_path / "run")], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"eval.py: error: {tmp_path / 'run' / 'run.json'}: "
+                                                          "not valid JSON (line 1, column 2")
+

@@ -8,17 +8,22 @@ overrides its part, and `--help` shows every default.
     python train.py --device cpu --steps 300 --max-len 256 --batch-size 4 --out runs/cpu   # a CPU run
     python train.py --random-init configs/qwen2.5-0.5b-instruct.json --steps 300  # timing, no download
 
-Writes OUT/log.jsonl (one line per logged step) and, every --save-every steps and at the end, each
-atomically: OUT/adapters.safetensors (trainable tensors only), OUT/run.json (every setting, so eval.py
-needs nothing else) and OUT/optimizer.safetensors (for --resume). Resuming continues the same
-learning-rate schedule, data order and dropout masks: the result equals an uninterrupted run.
+Writes OUT/log.jsonl (one line per logged step) and, every --save-every steps and at the end, a
+checkpoint OUT/checkpoint-STEP/ as one unit (written aside, then renamed into place; the newest two
+kept): adapters.safetensors (trainable tensors only), run.json (every setting, so eval.py needs nothing
+else) and optimizer.safetensors. A run already in OUT is never touched unless --resume continues it
+(every setting that changes the result must match) or --overwrite replaces it. Resuming continues the
+same learning-rate schedule, data order and dropout masks: the result equals an uninterrupted run.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
+import operator
 import os
+import shutil
 import sys
 import time
 
@@ -48,12 +53,39 @@ GATE_DEFAULTS = {"ste": dict(router_lr_mult=30.0, router_bias=1.0),
 MAX_DEFAULT_FLIPS = 6  # a short trial run must not rerun every block per micro-batch
 
 
+BOUNDS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def number(kind=int, lo=None, hi=None, above=None, below=None):
+    """An argparse type: an int or a finite float within bounds (lo <= x <= hi, above < x < below);
+    argparse's error then names the flag and the value, in one line."""
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        bounds = {">=": lo, "<=": hi, ">": above, "<": below}
+        bad = [f"{op} {b}" for op, b in bounds.items() if b is not None and not BOUNDS[op](x, b)]
+        if bad or not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(bad) or 'finite'}, got {text}")
+        return x
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """Errors in one line, naming the flag (argparse's usage block would bury it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
 def per_recipe(key: str) -> str:
     return "default per --recipe: " + ", ".join(f"{name} {r[key]}" for name, r in RECIPES.items())
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train LayerRoute: LoRA + per-block routers on a frozen Qwen2.",
+    p = Parser(description="Train LayerRoute: LoRA + per-block routers on a frozen Qwen2.",
                                 formatter_class=qwen.ShowDefaults)
     p.add_argument("--recipe", choices=list(RECIPES), default="layerroute", help="a set of defaults: layerroute "
                    "(ours), paper (the method as the paper describes it), reference (the authors' code)")
@@ -62,44 +94,46 @@ def parser() -> argparse.ArgumentParser:
                    "and synthetic batches, for timing with no download (default: none, --model's weights)")
     p.add_argument("--data-dir", help="read every data file under this folder (default: download the four sources)")
     p.add_argument("--out", default="runs/layerroute", help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last save")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (without it, or "
+                   "--resume, a run there is never touched)")
+    p.add_argument("--seed", type=number(int, lo=0), default=0, help="seed for init, data order and dropout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: bfloat16 "
                    "autocast on CUDA, float32 on CPU)")
-    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (0: build, print counts, exit)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (16 x 1: the paper's 16 "
+    p.add_argument("--steps", type=number(int, lo=0), default=3000, help="optimiser steps (0: build, print counts, exit)")
+    p.add_argument("--batch-size", type=number(int, lo=1), default=16, help="sequences per micro-batch (16 x 1: the paper's 16 "
                    "rows a step, its 4 x 4 in one pass; the loss is per target token of the step either way)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--grad-accum", type=number(int, lo=1), default=1, help="micro-batches per optimiser step")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, help="the fixed-shape step: every block "
                    "computed for every row and kept by its gate, rows padded to --pad-multiple, no host "
                    "synchronisation inside a step (default: on with a cuda --device, off on cpu, where measured "
                    "gates then skip closed blocks' compute)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the fixed-shape "
                    "step's routed block, gated block and loss, once each (default: as --fast; needs --fast)")
-    p.add_argument("--pad-multiple", type=int, help="pad each micro-batch's length to a multiple of this "
+    p.add_argument("--pad-multiple", type=number(int, lo=1), help="pad each micro-batch's length to a multiple of this "
                    "(default: 16 with --fast, 1 without)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of LoRA")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per sequence (oldest prompt tokens cut)")
+    p.add_argument("--lr", type=number(float, above=0), default=2e-4, help="peak learning rate of LoRA")
+    p.add_argument("--warmup", type=number(int, lo=0), default=100, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--max-len", type=number(int, lo=8), default=512, help="tokens per sequence (oldest prompt tokens cut)")
     p.add_argument("--gate-grad", choices=["ste", "measured"], help="measured: each micro-batch reruns --flips "
                    "blocks with their gate flipped, and those routers learn from the measured loss difference "
                    "against --price; ste: the paper's straight-through gradient with the regulariser "
                    "--gate-lambda * mean(sigmoid) (" + per_recipe("gate_grad") + ")")
-    p.add_argument("--router-lr-mult", type=float, help="router learning rate = --lr x this (default: "
+    p.add_argument("--router-lr-mult", type=number(float, above=0), help="router learning rate = --lr x this (default: "
                    + ", ".join(f"{v['router_lr_mult']:g} with {k}" for k, v in GATE_DEFAULTS.items()) + " gates)")
-    p.add_argument("--flips", type=int, help="measured: blocks flipped per micro-batch, each a forward pass from "
+    p.add_argument("--flips", type=number(int, lo=1), help="measured: blocks flipped per micro-batch, each a forward pass from "
                    "that block on without gradient (default: enough to measure each router about 60 times in the "
                    f"run, at least 2 and at most {MAX_DEFAULT_FLIPS})")
-    p.add_argument("--price", type=float, default=0.02, help="measured: skip a block where skipping it costs "
+    p.add_argument("--price", type=number(float), default=0.02, help="measured: skip a block where skipping it costs "
                    "less than this many nats per target token")
-    p.add_argument("--gate-lambda", type=float, default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
-    p.add_argument("--skip-target", type=float, help="a share of blocks to skip over training (e.g. 0.25): "
+    p.add_argument("--gate-lambda", type=number(float, lo=0), default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
+    p.add_argument("--skip-target", type=number(float, above=0, below=1), help="a share of blocks to skip over training (e.g. 0.25): "
                    "lambda (ste) or the price (measured) then follows dual ascent, the same for every step type, "
                    "so the LM loss alone decides which inputs skip (default: none, a fixed --gate-lambda or --price)")
-    p.add_argument("--lambda-rate", type=float, default=0.2, help="dual-ascent rate: per step, lambda (or price) *= "
+    p.add_argument("--lambda-rate", type=number(float, lo=0), default=0.2, help="dual-ascent rate: per step, lambda (or price) *= "
                    "exp(rate * (skip target - skipped share))")
-    p.add_argument("--router-bias", type=float, help="initial router bias; weights start at 0, so every input "
+    p.add_argument("--router-bias", type=number(float), help="initial router bias; weights start at 0, so every input "
                    "gets sigmoid(bias) at step 0 (default: " +
                    ", ".join(f"{v['router_bias']:g} with {k}" for k, v in GATE_DEFAULTS.items()) + " gates)")
     p.add_argument("--router-init", choices=["neutral", "band"], help="neutral: every layer starts at "
@@ -108,20 +142,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["prompt", "reference"], help="router input: input_layernorm(h) over "
                    "the prompt's real tokens (ours), or the reference code's raw h over the whole sequence padded "
                    "to --max-len (" + per_recipe("pooling") + ")")
-    p.add_argument("--tool-fraction", type=float, default=0.5, help="share of tool_call steps in the training "
+    p.add_argument("--tool-fraction", type=number(float, hi=1), default=0.5, help="share of tool_call steps in the training "
                    "mix, planning and replies the rest (the paper's is about half); <0: the natural mix")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank (" + per_recipe("lora_rank") + ")")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha, scale = alpha / rank (default: 2 x --lora-rank, "
+    p.add_argument("--lora-rank", type=number(int, lo=1), help="LoRA rank (" + per_recipe("lora_rank") + ")")
+    p.add_argument("--lora-alpha", type=number(float, above=0), help="LoRA alpha, scale = alpha / rank (default: 2 x --lora-rank, "
                    "the paper's 16 / 8)")
     p.add_argument("--lora-targets", choices=sorted(lr.LORA_TARGETS), help="attn: q/k/v/o (the paper's); all: "
                    "the MLP's gate/up/down too, so the open blocks can take over a closed one's work ("
                    + per_recipe("lora_targets") + ")")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--lora-dropout", type=number(float, lo=0, below=1), default=0.05, help="dropout on the LoRA input")
+    p.add_argument("--clip", type=number(float, above=0), default=1.0, help="gradient-norm clip")
     p.add_argument("--check-syncs", action="store_true", help="CUDA: fail on any host synchronisation inside "
                    "a step from step 2 on (torch.cuda.set_sync_debug_mode); log lines and saves may wait")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
+    p.add_argument("--log-every", type=number(int, lo=1), default=10, help="steps between log lines")
+    p.add_argument("--save-every", type=number(int, lo=1), default=250, help="steps between checkpoints")
     return p
 
 
@@ -180,9 +214,11 @@ def training_batches(args, model, start: int):
         return synthetic_batches(args, model.base.cfg.vocab_size, start)
     tok = qwen.load_tokenizer(args.model)
     steps, summary = data.load_steps(args.data_dir)
+    print(data.skip_report(summary), file=sys.stderr)
+    data.require_kinds(steps, ("tool_call", "planning"), "train", args.data_dir or "the downloaded data", summary)
     train = [s for s in steps if s.split == "train"]
-    print(f"data: {len(train)} training steps, " + ", ".join(f"{k} {v}" for k, v in summary["steps"].items()),
-          file=sys.stderr)
+    kinds = {k: sum(s.kind == k for s in train) for k in data.KINDS}
+    print(f"data: {len(train)} training steps, " + ", ".join(f"{k} {v}" for k, v in kinds.items()), file=sys.stderr)
     encoded = data.encode_all(train, tok)
     pad = data.pad_id(tok)
     frac = None if args.tool_fraction < 0 else args.tool_fraction
@@ -223,29 +259,61 @@ def make_optimizer(model: lr.LayerRoute, args) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0, fused=fused)
 
 
+# Flags that never change what a run computes, so a resume may change them; every other one must match.
+RESUME_FREE = {"out", "resume", "overwrite", "device", "log_every", "save_every", "check_syncs"}
+
+
 def save(model, opt, args, step: int, counts: dict, lam: float):
-    """adapters + run.json (lr.save_adapters) and the optimiser moments for --resume."""
+    """One checkpoint, whole or not at all (lr.save_checkpoint): adapters, optimiser moments, run.json."""
     names = {id(p): n for n, p in model.trainable().items()}
     moments = {}
     for p, st in opt.state.items():
         for k in ("exp_avg", "exp_avg_sq"):
             moments[f"{names[id(p)]}.{k}"] = st[k].detach().cpu().contiguous()
         moments[f"{names[id(p)]}.step"] = st["step"].detach().float().cpu().reshape(1)
-    lr.atomic_write(os.path.join(args.out, "optimizer.safetensors"), lambda tmp: save_file(moments, tmp))
+    adapters = {n: p.detach().float().contiguous().cpu() for n, p in model.trainable().items()}
     settings = {**vars(args), "step": step, "counts": counts, "lora": model.settings, "lambda_now": lam}
-    lr.save_adapters(model, args.out, settings)
+    lr.save_checkpoint(args.out, step, {"optimizer.safetensors": lambda path: save_file(moments, path),
+                                        "adapters.safetensors": lambda path: save_file(adapters, path),
+                                        "run.json": lambda path: lr.write_json(path, settings)})
+
+
+def prepare_out(args):
+    """Make args.out ready: a run already there is continued (--resume), replaced (--overwrite) or refused."""
+    held = lr.latest_checkpoint(args.out)
+    old = [n for n in ("log.jsonl", "run.json", "adapters.safetensors") if os.path.exists(os.path.join(args.out, n))]
+    if args.resume:
+        if held is None:
+            raise FileNotFoundError(f"--resume: {args.out} holds no complete checkpoint to continue from")
+        return
+    if held is None and not old:
+        os.makedirs(args.out, exist_ok=True)
+        return
+    if not args.overwrite:
+        what = os.path.basename(held) if held else ", ".join(old)
+        raise FileExistsError(f"--out {args.out} already holds a run ({what}): --resume continues it, --overwrite "
+                              "replaces it, or pass another --out")
+    for name in os.listdir(args.out):  # only what train.py and eval.py write: nothing else of the user's
+        path = os.path.join(args.out, name)
+        if lr.CHECKPOINT.fullmatch(name) or name.startswith(".checkpoint-"):
+            shutil.rmtree(path)
+        elif name in ("log.jsonl", "run.json", "adapters.safetensors", "optimizer.safetensors") or \
+                (name.startswith("report") and name.endswith((".json", ".png"))):
+            os.remove(path)
+    print(f"--overwrite: replacing the run in {args.out}", file=sys.stderr)
 
 
 def restore(model, opt, args) -> tuple[int, float]:
-    """Load adapters and optimiser moments from args.out; return the step to continue from and lambda."""
-    with open(os.path.join(args.out, "run.json")) as f:
-        saved = json.load(f)
-    for k in ("steps", "seed", "batch_size", "grad_accum", "lr", "max_len", "model", "random_init", "skip_target",
-              "gate_grad"):
-        if saved.get(k) != getattr(args, k):
-            raise ValueError(f"--resume: {k}={getattr(args, k)!r} but the run in {args.out} used {saved.get(k)!r}")
-    lr.load_adapters(model, os.path.join(args.out, "adapters.safetensors"))
-    moments = load_file(os.path.join(args.out, "optimizer.safetensors"))
+    """Load the newest complete checkpoint of args.out; return the step to continue from and lambda. Every
+    setting that changes the result must equal the run's, or the resume is refused naming it."""
+    folder = lr.latest_checkpoint(args.out)
+    saved = qwen.read_json(os.path.join(folder, "run.json"))
+    for k, v in vars(args).items():
+        if k not in RESUME_FREE and saved.get(k) != v:
+            raise ValueError(f"--resume: --{k.replace('_', '-')} {v} but the run in {args.out} used "
+                             f"{saved.get(k)}: resume with the run's settings, or train afresh into another --out")
+    lr.load_adapters(model, os.path.join(folder, "adapters.safetensors"))
+    moments = load_file(os.path.join(folder, "optimizer.safetensors"))
     for n, p in model.trainable().items():
         if f"{n}.exp_avg" in moments:
             # fused AdamW keeps its step count on the parameter's device, the others on the CPU
@@ -253,7 +321,42 @@ def restore(model, opt, args) -> tuple[int, float]:
             opt.state[p] = {"step": moments[f"{n}.step"].reshape(()).to(step_device),
                             "exp_avg": moments[f"{n}.exp_avg"].to(p.device),
                             "exp_avg_sq": moments[f"{n}.exp_avg_sq"].to(p.device)}
+    keep_log_until(os.path.join(args.out, "log.jsonl"), saved["step"])
+    print(f"--resume: from {folder}, step {saved['step']} of {args.steps}", file=sys.stderr)
     return saved["step"], saved["lambda_now"]
+
+
+def keep_log_until(path: str, step: int):
+    """Drop the log lines past the checkpoint a resume starts from: they are about to be logged again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if logged_step(line) <= step]
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+    lr.atomic_write(path, write)
+
+
+def logged_step(line: str) -> float:
+    """A log line's step; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def append_line(path: str, line: str):
+    """Append to a log, never through a symbolic link planted at its name."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise OSError(f"{path}: a symbolic link; the log is never written through one (remove it)") from None
+    with os.fdopen(fd, "a") as f:
+        f.write(line)
 
 
 def default_flips(layers: int, micro_batches: int, measurements: int = 60) -> int:
@@ -340,18 +443,21 @@ class Window:
 def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute:
     """The training loop. stop_at ends early after that step, as an interruption would (tests)."""
     qwen.set_attention_backends()
+    if args.steps > 0:
+        prepare_out(args)  # before the model loads: a run in --out is refused at once
     model, dtype = build(args)
     counts = model.counts()
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) +
           f" ({100 * counts['trainable'] / counts['backbone']:.2f}% trainable)", file=sys.stderr)
     if args.steps == 0:
         return model
-    os.makedirs(args.out, exist_ok=True)
     opt = make_optimizer(model, args)
     measured = args.gate_grad == "measured"
     if measured:
         if args.flips is None:
             args.flips = default_flips(len(model.routers), args.steps * args.grad_accum)
+        if args.flips > len(model.routers):
+            raise ValueError(f"--flips {args.flips}: the model has {len(model.routers)} blocks")
         print(f"measured costs: {args.flips} blocks flipped per micro-batch, each router measured about "
               f"{args.flips * args.steps * args.grad_accum / len(model.routers):,.0f} times", file=sys.stderr)
     if args.compile:
@@ -374,6 +480,9 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
         flip_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # so do the flipped blocks
         micro = [next(batches) for _ in range(args.grad_accum)]
         n_target = sum(b.n_target for b in micro)  # the loss is per target token of the whole step
+        if n_target == 0:
+            raise ValueError(f"step {step + 1}: no target token in its rows (--max-len {args.max_len} leaves "
+                             "no room for an answer?)")
         lm_step = gate_step = closed_step = 0.0  # device tensors after the first micro-batch: read at log lines
         for b in micro:
             x = on_device(b, args.device)
@@ -412,8 +521,7 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             print(f"step {step}/{args.steps} | lm {rec['loss']:.4f} | gate {rec['gate_loss']:.4f} | skip % " +
                   " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in kinds) + cheap +
                   f" | {rec['tok_per_s']:,.0f} tok/s | eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
-            with open(os.path.join(args.out, "log.jsonl"), "a") as log:
-                log.write(json.dumps(rec) + "\n")
+            append_line(os.path.join(args.out, "log.jsonl"), json.dumps(rec) + "\n")
             window = Window(args.device)
         if step % args.save_every == 0 or step == args.steps:
             save(model, opt, args, step, counts, float(lam))
@@ -430,4 +538,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    qwen.cli(main)

@@ -33,6 +33,7 @@ import tempfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -126,6 +127,9 @@ class LayerRoute(nn.Module):
         # loss differences (flip_losses); True: the paper's straight-through gradient, every block computed.
         self.straight_through = False
         self.block_inputs: list[torch.Tensor] | None = None  # set to [] to keep each block's input h
+        # True: training keeps each block's input only and recomputes the block in backward (memory for
+        # bigger models, at about one more forward pass)
+        self.checkpoint_blocks = False
         # The pieces of the fixed-shape training pass; compile_training() swaps in compiled ones.
         self.routed_block, self.gated, self.target_loss = routed_block, gated, target_loss
         self.last_scores: torch.Tensor | None = None  # (B, L) sigmoid scores of the last forward
@@ -196,13 +200,13 @@ class LayerRoute(nn.Module):
             if self.block_inputs is not None:
                 self.block_inputs.append(h.detach())
             if mix:  # training computes every block; g*f + (1-g)*h is exactly f or h for a 0/1 gate
-                h = gated(block, h, g, cos, sin)
+                h = self.recomputed(gated, block, h, g, cos, sin)
                 continue
             if prefill and cache is not None:  # keep KV only for the rows that run this block
                 rows = g.nonzero().squeeze(-1)
                 cache.layers.append(KVCache(rows, cfg.num_key_value_heads, cache.max_len, cfg.head_dim,
                                             h.device, h.dtype) if len(rows) else None)
-            h = self.run_block(i, block, h, g, cos, sin, None if cache is None else cache.layers[i])
+            h = self.recomputed(self.run_block, i, block, h, g, cos, sin, None if cache is None else cache.layers[i])
         self.last_scores, self.last_gates = torch.stack(scores, 1), torch.stack(gates, 1).detach()
         if cache is not None:
             cache.gates = self.last_gates if prefill else cache.gates
@@ -235,8 +239,8 @@ class LayerRoute(nn.Module):
         for i, block in enumerate(base.layers):
             if keep_inputs:
                 inputs.append(h.detach())
-            h, s, g = self.routed_block(block, self.routers[i], h, cos, sin, prompt_lens, self.pooling,
-                                        self.threshold, self.open_gates, self.straight_through)
+            h, s, g = self.recomputed(self.routed_block, block, self.routers[i], h, cos, sin, prompt_lens,
+                                      self.pooling, self.threshold, self.open_gates, self.straight_through)
             scores.append(s)
             gates.append(g)
         losses = self.target_loss(base.norm, base.lm_head, h, target_idx, targets)
@@ -273,6 +277,13 @@ class LayerRoute(nn.Module):
         self.routed_block = torch.compile(routed_block, **options)
         self.gated = torch.compile(gated, **options)
         self.target_loss = torch.compile(target_loss, **options)
+
+    def recomputed(self, fn, *args):
+        """fn(*args); with checkpoint_blocks in training, its activations are recomputed in backward
+        (the same dropout masks: the RNG state is replayed) instead of kept."""
+        if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     @staticmethod
     def run_block(i, block, h, g, cos, sin, kv: KVCache | None) -> torch.Tensor:

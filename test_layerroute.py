@@ -1215,6 +1215,41 @@ def test_layerroute_adapters_round_trip(tmp_path):
     with pytest.raises(ValueError, match="adapters do not match"):
         lr.load_adapters(lr.LayerRoute(qwen.load_model(str(tmp_path / "m")), rank=4),
                          str(tmp_path / "run" / "adapters.safetensors"))
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_layerroute_checkpointed_blocks_give_the_same_loss_and_gradients(tmp_path, monkeypatch, fixed,
+                                                                        straight_through):
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, model = tiny_routed(tmp_path)  # LoRA dropout 0.05: the recomputation must replay its masks
+    set_routers(model, [0.0] * 4, weight_std=3.0, seed=15)  # rows get different gates
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    model.train()
+    model.straight_through = straight_through
+    ids, T = torch.randint(3, 300, (3, 10), generator=torch.Generator().manual_seed(1)), 10
+    prompt_lens = torch.tensor([4, 6, 3])
+    idx = [(b, t) for b in range(3) for t in range(int(prompt_lens[b]) - 1, T - 1)]
+    target_idx = torch.tensor([b * T + t for b, t in idx])
+    targets = torch.tensor([int(ids[b, t + 1]) for b, t in idx])
+    results = []
+    for checkpointed in (False, True):
+        model.checkpoint_blocks = checkpointed
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        losses, scores, _, _ = model.train_forward(ids, prompt_lens, target_idx, targets, fixed=fixed)
+        (losses.mean() + scores.mean()).backward()
+        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.trainable().items()
+                                          if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert len(calls) == 4  # each of the 4 blocks, in the checkpointed pass only
+    assert torch.allclose(l0, l1, atol=1e-6) and g0.keys() == g1.keys() and len(g0) > 0
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
+
+
 # ---- end layerroute ----
 
 # ---- train ----
@@ -1417,6 +1452,15 @@ def test_train_resume_equals_uninterrupted(tmp_path, mode, start, step):
     assert lam[0] == lam[1] != start  # the dual-ascent lambda (or price) moved, and resumed where it was
     with pytest.raises(ValueError, match="--resume: --lr 1.0 but the run"):
         run(cut, "--resume", "--lr", "1")
+def test_train_stops_when_a_step_type_has_no_training_rows(tmp_path, capsys):
+    args = train_args(tmp_path, "--steps", "2", "--out", str(tmp_path / "run"))
+    (tmp_path / "data" / "tools.json").write_bytes(b'[{"tools": "[]", "conversations": [\xff')  # cut, not UTF-8
+    with pytest.raises(ValueError, match="no tool_call steps in the train split") as err:
+        train.train(args)
+    assert "tools.json" in str(err.value)  # and the report says what became of the file
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
 def test_train_refuses_a_run_in_out_unless_told(tmp_path, capsys):
     out = tmp_path / "run"
     train.train(train_args(tmp_path, "--steps", "2", "--out", str(out)))

@@ -1,6 +1,8 @@
-"""A single-file Qwen2 decoder: config, weights, forward, KV cache, generation, tokenizer.
+"""A single-file decoder for Qwen2, Qwen3 and Llama: config, weights, forward, KV cache, generation, tokenizer.
 
-Reads the official Qwen2 checkpoint layout (config.json + model.safetensors, sharded or not)
+The three families share every module; what differs is a few flags on the config (biases on q/k/v/o and
+the MLP, Qwen3's per-head norm of q and k, Llama 3's RoPE rescaling), set from config.json's model_type.
+Reads the official checkpoint layout (config.json + model.safetensors, sharded or not)
 with the checkpoint's own tensor names, so loading is a strict name match, checked against config.json
 from the files' headers before anything is built. layerroute.py wraps this model with LoRA and routers;
 nothing here knows about them, except that a KV cache keeps only the layers (and batch rows) that
@@ -65,7 +67,8 @@ def set_attention_backends():
 
 # ----------------------------------------------------------------------------- config
 
-# Far above any released Qwen2 (72B: 80 layers, d 8192, ff 29568, 64 heads, vocab 152064) and far below
+# Far above any released Qwen2, Qwen3 or Llama (Llama 3.1 405B: 126 layers, d 16384, ff 53248, 128 heads;
+# Qwen2.5-72B: vocab 152064) and far below
 # what stalls the machine: a mistyped or hostile config.json fails here, before a module is built.
 SIZE_LIMITS = {"hidden_size": 65_536, "intermediate_size": 1_048_576, "num_hidden_layers": 1_000,
                "num_attention_heads": 1_024, "num_key_value_heads": 1_024, "vocab_size": 4_194_304}
@@ -79,10 +82,21 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# What a field that config.json leaves out means, where a family's transformers config class differs from
+# Qwen2Config (the dataclass defaults): Qwen3Config's head_dim is 128 whatever the hidden size, LlamaConfig's
+# bos/eos ids are 1 and 2. max_position_embeddings is read only as llama3 RoPE's original context.
+FAMILY_DEFAULTS = {"qwen2": {"max_position_embeddings": 32768},
+                   "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+                   "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2}}
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+FEATURES = "model_type qwen2, qwen3 or llama, silu, default or llama3 RoPE, no sliding window"
+
+
 @dataclass
 class QwenConfig:
     """The fields this decoder reads. The optional ones default as transformers' Qwen2Config does, so a
-    config.json that leaves them out means here what it means there (untied head, RoPE theta 1e4)."""
+    config.json that leaves them out means here what it means there (untied head, RoPE theta 1e4);
+    from_json sets the other families' defaults and flags."""
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -95,6 +109,12 @@ class QwenConfig:
     head_dim: int = 0  # 0 = hidden_size // num_attention_heads, as Qwen2 defines it
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # The family flags, read by the shared modules; the defaults are Qwen2's.
+    qkv_bias: bool = True  # biases on q, k and v (Qwen2 always; Qwen3 and Llama when attention_bias)
+    o_bias: bool = False  # a bias on o (Qwen3 and Llama when attention_bias)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
+    mlp_bias: bool = False  # Llama's mlp_bias: biases on gate, up and down
+    llama3_rope: dict | None = None  # Llama 3's rescaled RoPE frequencies: LLAMA3_ROPE's four numbers
 
     def __post_init__(self):
         self.check()
@@ -110,7 +130,7 @@ class QwenConfig:
             v = getattr(self, name)
             if not is_int(v) or not 0 < v <= limit:
                 raise ValueError(f"{name}={v!r}: expected a whole number from 1 to {limit:,} "
-                                 "(qwen.SIZE_LIMITS, far above any released Qwen2)")
+                                 "(qwen.SIZE_LIMITS, far above any released model)")
         if not is_int(self.head_dim) or not 0 <= self.head_dim <= 4096:
             raise ValueError(f"head_dim={self.head_dim!r}: expected a whole number from 1 to 4,096 (or leave it out)")
         if not self.head_dim and self.hidden_size % self.num_attention_heads:
@@ -122,8 +142,11 @@ class QwenConfig:
         for name in ("rms_norm_eps", "rope_theta"):
             if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise ValueError(f"tie_word_embeddings={self.tie_word_embeddings!r}: expected true or false")
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
+        if self.llama3_rope is not None:
+            check_llama3_rope(self.llama3_rope)
 
     @classmethod
     def from_json(cls, path: str) -> "QwenConfig":
@@ -131,46 +154,100 @@ class QwenConfig:
         raw = read_json(path)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a JSON object")
-        rope, scaling = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
-        if not isinstance(rope, dict) or not isinstance(scaling, dict):
-            raise ValueError(f"{path}: rope_parameters and rope_scaling must be JSON objects")
-        # Newer exports put rope_theta inside rope_parameters, and there it wins over a top-level one,
-        # as in transformers. Older exports use rope_scaling for non-default RoPE. Either way only the
-        # plain ("default") rotation is implemented.
-        if rope.get("rope_theta") is not None:
-            raw["rope_theta"] = rope["rope_theta"]
-        rope_type = {k: v.get("rope_type", v.get("type", "default"))
-                     for k, v in (("rope_scaling", scaling), ("rope_parameters", rope))}
+        kind = "qwen2" if raw.get("model_type") is None else raw["model_type"]
         # Each refusal names the field and its value: better a loud error than silently wrong logits.
         unsupported = {
-            "model_type": raw.get("model_type") not in ("qwen2", None),
-            "rope_scaling": rope_type["rope_scaling"] != "default",
-            "rope_parameters": rope_type["rope_parameters"] != "default",
+            "model_type": not isinstance(kind, str) or kind not in FAMILY_DEFAULTS,
             "use_sliding_window": bool(raw.get("use_sliding_window", False)),
             "layer_types": any(t != "full_attention" for t in raw.get("layer_types") or []),
             "hidden_act": raw.get("hidden_act", "silu") != "silu",
         }
         for field, bad in unsupported.items():
             if bad:
-                raise ValueError(f"{path}: unsupported {field}={raw[field]!r} (this decoder implements "
-                                 "model_type 'qwen2', silu, default RoPE, no sliding window)")
-        if raw.get("num_key_value_heads", 0) is None:  # transformers: null means one per attention head
+                raise ValueError(f"{path}: unsupported {field}={raw[field]!r} (this decoder implements {FEATURES})")
+        theta, llama3 = read_rope(raw, path, kind)
+        # transformers: null, and for Llama absent, means one key-value head per attention head
+        if raw.get("num_key_value_heads") is None and ("num_key_value_heads" in raw or kind == "llama"):
             raw["num_key_value_heads"] = raw.get("num_attention_heads")
         names = {f.name for f in dataclasses.fields(cls)}
-        # The sizes have no default here (transformers' are Qwen2-7B's): a config.json must give them.
+        # The sizes have no default here (transformers' are a 7B's): a config.json must give them.
         missing = [n for n in SIZE_LIMITS if raw.get(n) is None]
         if missing:
             raise ValueError(f"{path}: missing required field(s) {missing}")
+        fields = {**FAMILY_DEFAULTS[kind], **raw, "rope_theta": theta, "llama3_rope": llama3,
+                  **family_flags(raw, path, kind)}
         try:
-            return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+            return cls(**{k: v for k, v in fields.items() if k in names and v is not None})
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
 
+def read_rope(raw: dict, path: str, kind: str) -> tuple[float | None, dict | None]:
+    """config.json's RoPE theta and llama3 rescaling (None: plain RoPE), read as transformers reads them:
+    older exports describe RoPE in rope_scaling, newer ones in rope_parameters (rope_scaling wins when both
+    are there), and a rope_theta inside wins over a top-level one. Any type but default and llama3 is refused."""
+    for field in ("rope_scaling", "rope_parameters"):
+        if not isinstance(raw.get(field) or {}, dict):
+            raise ValueError(f"{path}: {field}={raw[field]!r}: expected a JSON object")
+    field = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    rope = raw.get(field) or {}
+    theta = rope.get("rope_theta", raw.get("rope_theta"))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(f"{path}: unsupported {field}={rope!r} (this decoder implements {FEATURES})")
+    llama3 = {k: rope.get(k) for k in LLAMA3_ROPE}
+    # The pretraining context: a top-level original_max_position_embeddings wins (transformers, for Phi-3),
+    # then the one in the RoPE settings, then max_position_embeddings.
+    llama3["original_max_position_embeddings"] = (
+        raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        or raw.get("max_position_embeddings") or FAMILY_DEFAULTS[kind]["max_position_embeddings"])
+    try:
+        check_llama3_rope(llama3)
+    except ValueError as e:
+        raise ValueError(f"{path}: {field}: {e}") from None
+    return theta, llama3
+
+
+def check_llama3_rope(llama3: dict):
+    """LLAMA3_ROPE's four numbers, each positive, the high-frequency factor above the low one."""
+    if not isinstance(llama3, dict) or set(llama3) != set(LLAMA3_ROPE):
+        raise ValueError(f"llama3_rope={llama3!r}: expected a dict of {', '.join(LLAMA3_ROPE)}")
+    for name in LLAMA3_ROPE:
+        v = llama3.get(name)
+        if not is_number(v) or v <= 0 or (name == "original_max_position_embeddings" and not is_int(v)):
+            raise ValueError(f"llama3 RoPE {name}={v!r}: expected a positive number")
+    if llama3["high_freq_factor"] <= llama3["low_freq_factor"]:
+        raise ValueError(f"llama3 RoPE high_freq_factor={llama3['high_freq_factor']!r}: expected more than "
+                         f"low_freq_factor={llama3['low_freq_factor']!r}")
+
+
+def family_flags(raw: dict, path: str, kind: str) -> dict:
+    """The flags of model_type's attention and MLP, as transformers' Qwen2, Qwen3 and Llama modules set them
+    (every flag, so a config.json field of the same name sets none)."""
+    if kind == "qwen2":  # biases on q, k and v; its modules read neither attention_bias nor mlp_bias
+        return {"qkv_bias": True, "o_bias": False, "qk_norm": False, "mlp_bias": False}
+    bias = read_bool(raw, "attention_bias", path)
+    return {"qkv_bias": bias, "o_bias": bias, "qk_norm": kind == "qwen3",
+            "mlp_bias": kind == "llama" and read_bool(raw, "mlp_bias", path)}
+
+
+def read_bool(raw: dict, name: str, path: str) -> bool:
+    """A true/false field of config.json, false when absent or null."""
+    v = raw.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise ValueError(f"{path}: {name}={v!r}: expected true or false")
+    return bool(v)
+
+
 def parameter_count(cfg: QwenConfig) -> int:
     """The parameters of Qwen2(cfg), counted without building it (a tied head adds none)."""
-    d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    block = (d * q + q) + 2 * (d * kv + kv) + q * d + 3 * d * cfg.intermediate_size + 2 * d
+    d, ff = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    attn = 2 * d * q + 2 * d * kv + cfg.qkv_bias * (q + 2 * kv) + cfg.o_bias * d + cfg.qk_norm * 2 * cfg.head_dim
+    mlp = 3 * d * ff + cfg.mlp_bias * (2 * ff + d)
+    block = attn + mlp + 2 * d  # and the two norms
     head = 0 if cfg.tie_word_embeddings else d * cfg.vocab_size
     return cfg.vocab_size * d + cfg.num_hidden_layers * block + d + head
 
@@ -190,10 +267,31 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rope_inv_freq(cfg: QwenConfig, device) -> torch.Tensor:
+    """RoPE's angle per position for each pair of dimensions (head_dim/2,), Llama 3's rescaling applied."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device,
+                                                     dtype=torch.float32) / cfg.head_dim)
+    return inv_freq if cfg.llama3_rope is None else llama3_inv_freq(inv_freq, **cfg.llama3_rope)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1's longer context (transformers' _compute_llama3_parameters, op for op): wavelengths shorter
+    than the pretraining context / high_freq_factor stay, those longer than context / low_freq_factor are
+    stretched by `factor`, and the band between moves smoothly from one to the other."""
+    context = original_max_position_embeddings
+    low_freq_wavelen, high_freq_wavelen = context / low_freq_factor, context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * stretched / factor + smooth * stretched
+    between = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(between, smoothed, stretched)
+
+
 def rope_cos_sin(cfg: QwenConfig, positions: torch.Tensor, dtype: torch.dtype):
     """cos, sin of shape (T, head_dim) for the given positions, in the half-split layout."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=positions.device,
-                                                     dtype=torch.float32) / cfg.head_dim)
+    inv_freq = rope_inv_freq(cfg, positions.device)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -232,15 +330,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: QwenConfig):
         super().__init__()
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # one weight of head_dim, shared by every head (checkpoint names q_norm, k_norm)
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
+        if self.qk_norm:  # Qwen3: each head's q and k normalised over head_dim, before RoPE rotates them
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0 if cache is None else cache.len
@@ -260,9 +365,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: QwenConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -282,7 +387,8 @@ class Block(nn.Module):
 
 
 class Qwen2(nn.Module):
-    """The decoder. Parameter names are the checkpoint's, minus the leading `model.`."""
+    """The decoder (Qwen2, Qwen3 or Llama, by cfg's flags). Parameter names are the checkpoint's, minus the
+    leading `model.`."""
 
     def __init__(self, cfg: QwenConfig):
         super().__init__()
@@ -318,9 +424,11 @@ def forward_flops(cfg: QwenConfig, context: int) -> tuple[float, float]:
     """Multiply-add FLOPs (x2) of one token's forward pass at a given attention context length.
 
     Returns (per_block, lm_head). A block: the q/k/v/o and SwiGLU matmuls (2 FLOPs per weight)
-    plus attention's QK^T and AV over `context` keys (2 * 2 * n_head * head_dim * context).
+    plus attention's QK^T and AV over `context` keys (2 * 2 * n_head * head_dim * context), with the
+    projections' sizes from the config's head_dim (Qwen3's need not be hidden_size / n_head).
     The tied LM head is a full d x vocab matmul (27.6% of Qwen2.5-0.5B's per-token weights);
-    embeddings are a lookup (0 FLOPs). Norms, RoPE, softmax and residual adds are omitted (<1%).
+    embeddings are a lookup (0 FLOPs). Norms (Qwen3's q/k norms too), biases, RoPE, softmax and residual
+    adds are omitted (<1%).
     """
     d, hd = cfg.hidden_size, cfg.head_dim
     q_dim, kv_dim = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -646,7 +754,7 @@ def chatml(prompt: str) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Greedy continuation of a prompt with the Qwen2 decoder.",
+    p = argparse.ArgumentParser(description="Greedy continuation of a prompt with the Qwen2, Qwen3 or Llama decoder.",
                                 formatter_class=ShowDefaults)
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
     p.add_argument("--prompt", required=True, help="raw prompt text (see --chat)")

@@ -96,7 +96,7 @@ def test_qwen_greedy_generation_matches_transformers(tmp_path):
     assert qwen.generate(m, ids, 12, stop={stop})[0] == theirs[:theirs.index(stop) + 1]
 
 
-@pytest.mark.parametrize("field,value", [("model_type", "llama"), ("rope_scaling", {"type": "yarn", "factor": 4.0}),
+@pytest.mark.parametrize("field,value", [("model_type", "gpt2"), ("rope_scaling", {"type": "yarn", "factor": 4.0}),
                                          ("use_sliding_window", True), ("hidden_act", "gelu")])
 def test_qwen_refuses_unsupported_config(tmp_path, field, value):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config(**{field: value})))
@@ -475,6 +475,253 @@ def test_qwen_cli_prints_one_line(tmp_path, capsys, monkeypatch):
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.safetensors" in err and "Error:" not in err, err
+
+
+# Model families: Qwen3 and Llama checkpoints that transformers saves, against its own classes.
+
+SIZES = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 300}
+
+
+def family_config(family: str, tie=True, **extra) -> dict:
+    """A tiny config of `family`; qwen3's head_dim (24) is not hidden_size / heads (16), as in Qwen3-0.6B."""
+    common = {**SIZES, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tie,
+              "hidden_act": "silu", "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2}
+    if family == "qwen3":
+        return {**common, "head_dim": 24, "use_sliding_window": False, **extra}
+    return {**common, **extra}
+
+
+def family_checkpoint(folder, family: str, seed=0, shard=False, **cfg_kwargs):
+    """Write a random `family` checkpoint with transformers itself (its key names, layout and config.json)."""
+    import transformers
+    name = {"qwen3": "Qwen3", "llama": "Llama"}[family]
+    config = getattr(transformers, f"{name}Config")(**family_config(family, **cfg_kwargs))
+    torch.manual_seed(seed)
+    ref = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    with torch.no_grad():  # non-trivial biases and norms (q_norm and k_norm too), so a dropped term would show
+        for pname, p in ref.named_parameters():
+            if "bias" in pname or "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.5)
+    ref.save_pretrained(folder, max_shard_size="20KB" if shard else "5GB", safe_serialization=True)
+    return ref
+
+
+def max_diff(ours, ref, ids) -> float:
+    with torch.no_grad():
+        return (ours(ids) - ref(ids).logits).abs().max().item()
+
+
+# -- logits against transformers
+
+@pytest.mark.parametrize("family,kwargs", [
+    ("qwen3", dict(tie=True)), ("qwen3", dict(tie=False)), ("qwen3", dict(attention_bias=True, num_key_value_heads=4)),
+    ("llama", dict(tie=True)), ("llama", dict(tie=False, num_key_value_heads=4)),
+    ("llama", dict(attention_bias=True, mlp_bias=True)), ("llama", dict(head_dim=24, tie=False))])
+def test_family_logits_match_transformers(tmp_path, family, kwargs):
+    ref = family_checkpoint(tmp_path, family, **kwargs)
+    ours = qwen.load_model(str(tmp_path))
+    names = {k for k, _ in ours.named_parameters()}
+    assert ("layers.0.self_attn.q_norm.weight" in names) == (family == "qwen3")
+    assert ("layers.0.self_attn.q_proj.bias" in names) == kwargs.get("attention_bias", False)
+    assert ("layers.0.self_attn.o_proj.bias" in names) == kwargs.get("attention_bias", False)
+    assert ("layers.0.mlp.up_proj.bias" in names) == kwargs.get("mlp_bias", False)
+    diff = max_diff(ours, ref, torch.randint(0, 300, (3, 21)))
+    print(f"{family} {kwargs}: max |logit diff| {diff:.2e}")
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_family_sharded_checkpoint_loads(tmp_path, family):
+    ref = family_checkpoint(tmp_path, family, shard=True, tie=False)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    diff = max_diff(qwen.load_model(str(tmp_path)), ref, torch.randint(0, 300, (2, 9)))
+    print(f"{family} sharded: max |logit diff| {diff:.2e}")
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.usefixtures("offline_hub")
+def test_qwen3_without_head_dim_is_transformers_default_128(tmp_path):
+    from transformers import Qwen3ForCausalLM
+    family_checkpoint(tmp_path, "qwen3", head_dim=128)
+    edit_config(tmp_path, drop=("head_dim",))
+    ref = Qwen3ForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ours = qwen.load_model(str(tmp_path))
+    assert ours.cfg.head_dim == ref.config.head_dim == 128  # not hidden_size / heads = 16
+    diff = max_diff(ours, ref, torch.randint(0, 300, (2, 13)))
+    print(f"qwen3 head_dim absent: max |logit diff| {diff:.2e}")
+    assert diff <= 1e-4, diff
+
+
+# -- Llama 3's RoPE rescaling
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_matches_transformers_where_the_scaling_matters(tmp_path):
+    # head_dim 16, theta 1e4: wavelengths 6.3 (below 64 / 4: kept), 20 and 63 (between: smoothed) and
+    # 199 to 6300 (above 64 / 1: stretched 8x), over positions up to 95, past the original 64
+    ref = family_checkpoint(tmp_path, "llama", tie=False, rope_scaling=LLAMA3)
+    ours = qwen.load_model(str(tmp_path))
+    theirs = ref.model.rotary_emb.inv_freq
+    ours_freq = qwen.rope_inv_freq(ours.cfg, "cpu")
+    assert torch.equal(ours_freq, theirs), (ours_freq, theirs)
+    plain = qwen.rope_inv_freq(qwen.QwenConfig(**SIZES), "cpu")
+    kept, stretched = ours_freq == plain, ours_freq == plain / 8
+    assert kept.sum() == 1 and stretched.sum() == 5 and (~kept & ~stretched).sum() == 2  # each regime is there
+    ids = torch.randint(0, 300, (2, 96))
+    diff = max_diff(ours, ref, ids)
+    edit_config(tmp_path, drop=("rope_parameters",))  # the same weights with plain RoPE
+    unscaled = qwen.load_model(str(tmp_path))
+    assert unscaled.cfg.llama3_rope is None
+    with torch.no_grad():
+        moved = (ours(ids) - unscaled(ids)).abs().max().item()
+    print(f"llama3 RoPE: max |logit diff| {diff:.2e}; scaled vs unscaled {moved:.2e}")
+    assert diff <= 1e-4, diff
+    assert moved > 1e-3, moved
+
+
+@pytest.mark.usefixtures("offline_hub")
+def test_llama3_rope_in_the_older_rope_scaling_layout(tmp_path):
+    """Older exports: rope_scaling with "type", rope_theta at the top level, the original context given
+    outside it (a top-level original_max_position_embeddings wins in transformers)."""
+    from transformers import LlamaForCausalLM
+    family_checkpoint(tmp_path, "llama", rope_scaling=LLAMA3)
+    old = {"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+           "original_max_position_embeddings": 500}
+    path = edit_config(tmp_path, drop=("rope_parameters",), rope_scaling=old, rope_theta=500.0,
+                       original_max_position_embeddings=32)
+    cfg = qwen.QwenConfig.from_json(str(path))
+    assert cfg.rope_theta == 500.0
+    assert cfg.llama3_rope == {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+                               "original_max_position_embeddings": 32}
+    ref = LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ours = qwen.load_model(str(tmp_path))
+    assert torch.equal(qwen.rope_inv_freq(ours.cfg, "cpu"), ref.model.rotary_emb.inv_freq)
+    diff = max_diff(ours, ref, torch.randint(0, 300, (1, 80)))
+    print(f"llama3 RoPE, rope_scaling layout: max |logit diff| {diff:.2e}")
+    assert diff <= 1e-4, diff
+
+
+# -- decoding
+
+def test_qwen3_cached_decoding_equals_full_forward(tmp_path):
+    family_checkpoint(tmp_path, "qwen3")
+    m = qwen.load_model(str(tmp_path))
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2, 32)
+        assert cache[0].k.shape == (2, 2, 32, 24)  # the cache holds head_dim, not hidden_size / heads
+        steps = [m(ids[:, :8], cache=cache), m(ids[:, 8:13], cache=cache)]  # prefill, then a chunk
+        steps += [m(ids[:, t:t + 1], cache=cache) for t in range(13, 20)]  # then one token at a time
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3])
+def test_llama_greedy_generation_matches_transformers(tmp_path, rope_scaling):
+    ref = family_checkpoint(tmp_path, "llama", tie=False, rope_scaling=rope_scaling)
+    m = qwen.load_model(str(tmp_path))
+    ids = torch.randint(3, 300, (1, 60))  # long enough that llama3 RoPE changes the rotation
+    theirs = ref.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          attention_mask=torch.ones_like(ids))[0, 60:].tolist()
+    assert qwen.generate(m, ids, 12)[0] == theirs
+
+
+# -- config.json: defaults and refusals
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_family_defaults_are_transformers(tmp_path, family):
+    import transformers
+    theirs = getattr(transformers, {"qwen3": "Qwen3Config", "llama": "LlamaConfig"}[family])(**SIZES)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": family, **SIZES}))
+    ours = qwen.QwenConfig.from_json(str(path))
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    for field in ("rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "head_dim"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.qkv_bias == ours.o_bias == theirs.attention_bias
+    assert ours.mlp_bias == getattr(theirs, "mlp_bias", False)
+    assert ours.qk_norm == (family == "qwen3") and ours.llama3_rope is None
+
+
+def test_llama_without_num_key_value_heads_has_one_per_head(tmp_path):
+    from transformers import LlamaConfig
+    path = tmp_path / "config.json"
+    sizes = {k: v for k, v in SIZES.items() if k != "num_key_value_heads"}
+    path.write_text(json.dumps({"model_type": "llama", **sizes}))
+    assert qwen.QwenConfig.from_json(str(path)).num_key_value_heads == LlamaConfig(**sizes).num_key_value_heads == 4
+
+
+def test_qwen2_keeps_its_fixed_biases_whatever_attention_bias_says(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "qwen2", "attention_bias": False, "mlp_bias": True, **SIZES}))
+    cfg = qwen.QwenConfig.from_json(str(path))
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.qk_norm, cfg.mlp_bias) == (True, False, False, False)
+
+
+@pytest.mark.parametrize("family,fields,named", [
+    ("llama", {"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters"),
+    ("qwen3", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ("llama", {"rope_scaling": {**LLAMA3, "low_freq_factor": None}}, "low_freq_factor"),
+    ("llama", {"rope_scaling": {**LLAMA3, "high_freq_factor": 1.0}}, "high_freq_factor"),
+    ("llama", {"rope_scaling": {**LLAMA3, "factor": -8}}, "factor"),
+    ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ("llama", {"attention_bias": "yes"}, "attention_bias"), ("llama", {"mlp_bias": 1}, "mlp_bias"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"), ("gpt2", {}, "model_type"),
+    ("mistral", {}, "model_type")])
+def test_family_refuses_what_it_does_not_implement(tmp_path, family, fields, named):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**family_config("qwen3" if family == "qwen3" else "llama"), "model_type": family,
+                                **fields}))
+    one_line_error(lambda: qwen.QwenConfig.from_json(str(path)), path, named, kind=ValueError)
+
+
+# -- sizes: parameters and FLOPs
+
+@pytest.mark.parametrize("flags", [dict(), dict(qkv_bias=False, qk_norm=True, head_dim=24),
+                                   dict(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True)])
+def test_family_parameter_count_is_the_built_models(flags):
+    cfg = qwen.QwenConfig(**SIZES, **flags)
+    assert qwen.parameter_count(cfg) == sum(p.numel() for p in qwen.Qwen2(cfg).parameters())
+
+
+def test_qwen3_flops_hand_count():
+    """Qwen3-0.6B's shapes: d 1024, 16 query heads and 8 key-value heads of 128 (16 x 128 = 2048, not d),
+    ff 3072, 28 layers, vocab 151936, tied."""
+    cfg = qwen.QwenConfig(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                          num_key_value_heads=8, vocab_size=151936, head_dim=128, tie_word_embeddings=True,
+                          qkv_bias=False, qk_norm=True)
+    attn_w = 1024 * 2048 + 1024 * 1024 + 1024 * 1024 + 2048 * 1024  # q, k, v, o = 6,291,456
+    mlp_w = 3 * 1024 * 3072  # gate, up, down = 9,437,184
+    per_block, head = qwen.forward_flops(cfg, context=100)
+    assert per_block == 2 * (attn_w + mlp_w) + 2 * 2 * 2048 * 100  # QK^T and AV: 16 heads x 128 over 100 keys
+    assert head == 2 * 1024 * 151936
+    assert 28 * (attn_w + mlp_w) == 440_401_920  # the model card's 0.44B non-embedding parameters, less norms
+
+
+# -- LayerRoute wraps each family
+
+@pytest.mark.parametrize("family,kwargs", [("qwen3", dict(tie=True)),
+                                           ("llama", dict(tie=False, attention_bias=True, mlp_bias=True))])
+def test_layerroute_wraps_each_family(tmp_path, family, kwargs):
+    import layerroute as lr
+    family_checkpoint(tmp_path, family, **kwargs)
+    base = qwen.load_model(str(tmp_path))
+    m = lr.LayerRoute(qwen.load_model(str(tmp_path))).eval()
+    assert sum(isinstance(x, lr.LoRALinear) for x in m.modules()) == 7 * base.cfg.num_hidden_layers
+    m.open_gates = True  # every gate open, every LoRA B still 0: exactly the base model
+    ids = torch.randint(3, 300, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(m(ids), base(ids))
+        assert qwen.generate(m, ids, 6) == qwen.generate(base, ids, 6)
+        m.open_gates = False
+        logits = m(ids, prompt_lens=torch.tensor([9, 17]))
+    assert logits.shape == (2, 17, 300) and torch.isfinite(logits).all()
+    assert m.last_gates.shape == (2, base.cfg.num_hidden_layers)
 
 
 # ---- end qwen ----

@@ -1871,6 +1871,189 @@ def test_train_fixed_shape_pass_compiles_as_one_graph(tmp_path):
     got[0].sum().backward()  # and the backward of the compiled pass runs
 
 
+# Several processes: torchrun --nproc-per-node 2 (gloo on the CPU) trains what one process trains.
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# train.train(args, stop_at=N) under torchrun: a run interrupted after step N, as test_layerroute's are.
+STOP_AT = """import sys
+sys.path.insert(0, {here!r})
+import qwen, train
+stop = int(sys.argv.pop(1))
+qwen.cli(lambda: train.train(train.parse_args(sys.argv[1:]), stop_at=stop))
+"""
+
+# train.py with a fault on rank 1 in step 2: an exception, or a hang that never reaches the next collective.
+FAULTY = """import os, sys, time
+sys.path.insert(0, {here!r})
+import qwen, train
+fault, real, calls = sys.argv.pop(1), train.micro_loss, []
+def micro_loss(*args, **kwargs):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:  # step 2's first micro-batch (--grad-accum 2)
+        if fault == "raises":
+            raise RuntimeError("a fault injected on rank 1")
+        time.sleep(600)
+    return real(*args, **kwargs)
+train.micro_loss = micro_loss
+qwen.cli(train.main)
+"""
+
+
+def tiny_run_argv(tmp_path, *extra) -> list[str]:
+    """train_args' tiny setup with 4 blocks (so 2 flips are a real draw) and 4 rows a micro-batch (2 a rank)."""
+    model = tmp_path / "model"
+    if not (model / "config.json").exists():
+        write_checkpoint(model, layers=4)
+        write_tiny_tokenizer(model)
+        write_tiny_data(tmp_path / "data")
+    return ["--model", str(model), "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--max-len", "96",
+            "--batch-size", "4", "--grad-accum", "2", "--warmup", "2", "--log-every", "1", "--save-every", "3",
+            *extra]
+
+
+def torchrun(tmp_path, script, *argv, timeout=120, **env) -> tuple[subprocess.CompletedProcess, float]:
+    """`torchrun --nproc-per-node 2 script argv` (a free port, one thread a process); (result, seconds)."""
+    if script in (STOP_AT, FAULTY):
+        path = tmp_path / ("stop_at.py" if script is STOP_AT else "faulty.py")
+        path.write_text(script.format(here=HERE))
+        script = str(path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAYERROUTE_DIST_TIMEOUT": "60", **env}
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    return done, time.time() - t0
+
+
+def logged(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def adapters_at(run, step: int) -> dict:
+    return load_file(str(run / f"checkpoint-{step:06d}" / "adapters.safetensors"))
+
+
+def largest_difference(a: dict, b: dict, atol=1e-6) -> float:
+    """Two checkpoints' adapters equal to round-off, trained away from the init; their largest difference."""
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= atol, diff
+    assert sum(a[k].abs().sum().item() for k in a if k.startswith("routers.")) > 0  # trained, not the init
+    return diff
+
+
+def one_process(args):
+    """train.train in this process, on one thread (a second one waits for a busy core on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode,how", [("measured", ["--no-fast"]), ("ste", ["--no-fast", "--router-bias", "0.02"]),
+                                       ("measured", ["--fast", "--no-compile"])])  # ste: gates that move
+def test_two_processes_train_what_one_process_trains(tmp_path, mode, how):
+    # Dropout 0: each rank draws LoRA dropout masks for its own rows, one process for all of them.
+    flags = ["--steps", "6", "--gate-grad", mode, "--flips", "2", "--skip-target", "0.3", "--lora-dropout", "0",
+             *how]
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = train.parse_args(tiny_run_argv(tmp_path, *flags, "--out", str(one)))
+    stream = train.training_batches(args, None, 0)
+    assert min(len(next(stream).kinds) for _ in range(12)) == 1  # an epoch's last micro-batch: a rank gets no row
+    one_process(args)
+    # 2 processes, interrupted after step 3 (train.train(args, stop_at=3)), then resumed: both under torchrun
+    done, _ = torchrun(tmp_path, STOP_AT, "3", *tiny_run_argv(tmp_path, *flags, "--out", str(two)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert lr.read_settings(str(two))[1]["step"] == 3
+    diff = largest_difference(adapters_at(one, 3), adapters_at(two, 3))
+    done, _ = torchrun(tmp_path, "train.py", *tiny_run_argv(tmp_path, *flags, "--out", str(two), "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    diff = max(diff, largest_difference(adapters_at(one, 6), adapters_of(two)))
+    settings = lr.read_settings(str(two))[1]
+    assert settings["step"] == 6 and settings["processes"] == 2 and settings["checkpoint_blocks"] is False
+    # rank 0 alone logs, each step once, the metrics summed over both ranks' rows
+    for x, y in zip(logged(one), logged(two), strict=True):
+        assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert {k: v for k, v in x.items() if k.startswith(("skip_", "cheap_"))} == \
+            pytest.approx({k: v for k, v in y.items() if k.startswith(("skip_", "cheap_"))})
+    assert [r["step"] for r in logged(two)] == [1, 2, 3, 4, 5, 6]
+    print(f"{mode} {how[0]}: largest adapter difference, 2 processes against 1: {diff:.2e}")
+
+
+@pytest.mark.parametrize("fault", ["raises", "hangs"])
+def test_a_failing_rank_ends_the_whole_run(tmp_path, fault):
+    # An exception on rank 1 ends it, and torchrun stops rank 0, waiting in the step's all_reduce. A rank that
+    # hangs instead fails rank 0's all_reduce after the timeout, and torchrun then stops the hung one.
+    out = tmp_path / "run"
+    done, seconds = torchrun(tmp_path, FAULTY, fault, *tiny_run_argv(tmp_path, "--steps", "4", "--no-fast",
+                                                                     "--out", str(out)),
+                             LAYERROUTE_DIST_TIMEOUT="10")
+    assert done.returncode != 0 and seconds < 60, (seconds, done.stderr[-3000:])
+    failed = "rank 1 of 2 failed" if fault == "raises" else "rank 0 of 2 failed"
+    assert failed in done.stderr, done.stderr[-3000:]
+    if fault == "raises":
+        assert "a fault injected on rank 1" in done.stderr
+    assert [r["step"] for r in logged(out)] == [1]  # the step before the fault, logged once
+
+
+def test_resume_in_another_process_count_refused_while_dropout_masks_are_per_process(tmp_path):
+    for dropout in ("0.05", "0"):
+        out, flags = tmp_path / f"run{dropout}", ["--steps", "1", "--flips", "2", "--lora-dropout", dropout]
+        one_process(train.parse_args(tiny_run_argv(tmp_path, *flags, "--out", str(out))))
+        args = train.parse_args(tiny_run_argv(tmp_path, *flags, "--out", str(out), "--resume"))
+        model, _ = train.build(args)
+        opt = train.make_optimizer(model, args)
+        if dropout == "0":  # the same run to round-off: allowed
+            assert train.restore(model, opt, args, processes=2)[0] == 1
+        else:
+            with pytest.raises(ValueError, match=r"--resume: 2 processes but the run in .* used 1, and the LoRA "
+                                                 r"dropout masks are drawn per process"):
+                train.restore(model, opt, args, processes=2)
+
+
+def test_torchrun_refuses_a_batch_that_does_not_share(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="--batch-size 3: not a multiple of the 2 processes"):
+        train.join_ranks(train.parse_args(["--batch-size", "3", "--device", "cpu"]))
+    monkeypatch.setenv("LAYERROUTE_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="LAYERROUTE_DIST_TIMEOUT=soon: expected a number of seconds"):
+        train.join_ranks(train.parse_args(["--batch-size", "4", "--device", "cpu"]))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: one process, as without torchrun
+    assert train.join_ranks(train.parse_args(["--device", "cpu"])) == train.Ranks(0, 1, 0)
+
+
+def test_memory_estimate_and_checkpoint_blocks_flag(tmp_path):
+    # The frozen backbone is stored in the compute dtype; LoRA and routers stay float32.
+    argv = tiny_run_argv(tmp_path, "--dtype", "bfloat16", "--out", str(tmp_path / "run"))
+    model, dtype = train.build(train.parse_args(argv))
+    assert dtype == torch.bfloat16 and {p.dtype for p in model.base.parameters() if not p.requires_grad} == {dtype}
+    assert {p.dtype for p in model.trainable().values()} == {torch.float32}
+    # --checkpoint-blocks: off by default, plumbed to the attribute layerroute.py's training pass reads
+    args = train.parse_args(["--checkpoint-blocks"])
+    assert args.checkpoint_blocks and not train.parse_args([]).checkpoint_blocks
+    assert "checkpoint_blocks" in train.RESUME_FREE  # recomputing gives the same values: a resume may switch it
+    model = train.wrap(qwen25_on_meta().to(torch.bfloat16), args)
+    assert model.checkpoint_blocks is True
+    # Qwen2.5-0.5B in bf16: 494,032,768 backbone parameters (the head tied) x 2 bytes, 17,617,944 trained x 16
+    line = train.memory_estimate(model, args, torch.bfloat16)
+    assert "\n" not in line and "backbone 0.92 GiB (bfloat16 0.92)" in line, line
+    assert f"trainable {17_617_944 * 16 / 2 ** 30:.2f} GiB (17,617,944 x 16 bytes" in line, line
+    # checkpointed, a block keeps d = 896 values a token of its own, plus one block recomputed
+    full = train.memory_estimate(model, train.parse_args([]), torch.bfloat16)
+    assert "16 rows x 512 tokens" in line and "checkpointed" in line and "checkpointed" not in full
+    gib = {text: float(text.split("activations at most ")[1].split(" GiB")[0]) for text in (line, full)}
+    assert gib[line] < gib[full] / 2, gib
+    assert "20 bytes" in train.memory_estimate(model, args, torch.bfloat16, processes=2)  # + the all-reduce copy
+
+
 # ---- end train ----
 
 # ---- eval ----

@@ -7,6 +7,7 @@ overrides its part, and `--help` shows every default.
     python train.py --recipe paper --steps 3000
     python train.py --device cpu --steps 300 --max-len 256 --batch-size 4 --out runs/cpu   # a CPU run
     python train.py --random-init configs/qwen2.5-0.5b-instruct.json --steps 300  # timing, no download
+    torchrun --nproc-per-node 4 train.py --steps 3000                 # data-parallel on 4 GPUs
 
 Writes OUT/log.jsonl (one line per logged step) and, every --save-every steps and at the end, a
 checkpoint OUT/checkpoint-STEP/ as one unit (written aside, then renamed into place; the newest two
@@ -14,10 +15,20 @@ kept): adapters.safetensors (trainable tensors only), run.json (every setting, s
 else) and optimizer.safetensors. A run already in OUT is never touched unless --resume continues it
 (every setting that changes the result must match) or --overwrite replaces it. Resuming continues the
 same learning-rate schedule, data order and dropout masks: the result equals an uninterrupted run.
+
+Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) each process trains data-parallel, NCCL
+on CUDA (cuda:LOCAL_RANK) and gloo on CPU: every micro-batch is drawn as one process draws it, rank r
+computes its rows r, r + N, ..., and the gradients are summed, so a step equals the one-process step to
+round-off (the LoRA dropout masks aside: they are drawn per process). Rank 0 alone prints, logs and saves.
+A rank that fails reports it and leaves; torchrun then stops the others, and a rank that stops answering
+fails the others' next collective after $LAYERROUTE_DIST_TIMEOUT seconds (default 600).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import datetime
 import errno
 import json
 import math
@@ -26,8 +37,10 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -152,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
                    + per_recipe("lora_targets") + ")")
     p.add_argument("--lora-dropout", type=number(float, lo=0, below=1), default=0.05, help="dropout on the LoRA input")
     p.add_argument("--clip", type=number(float, above=0), default=1.0, help="gradient-norm clip")
+    p.add_argument("--checkpoint-blocks", action="store_true", help="activation checkpointing: each block's "
+                   "activations are recomputed in the backward pass instead of kept, for bigger models and "
+                   "batches at about a third more compute (default: off)")
     p.add_argument("--check-syncs", action="store_true", help="CUDA: fail on any host synchronisation inside "
                    "a step from step 2 on (torch.cuda.set_sync_debug_mode); log lines and saves may wait")
     p.add_argument("--log-every", type=number(int, lo=1), default=10, help="steps between log lines")
@@ -204,6 +220,7 @@ def wrap(base: qwen.Qwen2, args: argparse.Namespace) -> lr.LayerRoute:
     model = lr.LayerRoute(base, args.lora_rank, args.lora_alpha, args.lora_dropout, bias, args.pooling,
                           args.lora_targets)
     model.straight_through = args.gate_grad == "ste"
+    model.checkpoint_blocks = args.checkpoint_blocks  # read by LayerRoute's training pass
     return model
 
 
@@ -260,10 +277,10 @@ def make_optimizer(model: lr.LayerRoute, args) -> torch.optim.AdamW:
 
 
 # Flags that never change what a run computes, so a resume may change them; every other one must match.
-RESUME_FREE = {"out", "resume", "overwrite", "device", "log_every", "save_every", "check_syncs"}
+RESUME_FREE = {"out", "resume", "overwrite", "device", "log_every", "save_every", "check_syncs", "checkpoint_blocks"}
 
 
-def save(model, opt, args, step: int, counts: dict, lam: float):
+def save(model, opt, args, step: int, counts: dict, lam: float, processes: int = 1):
     """One checkpoint, whole or not at all (lr.save_checkpoint): adapters, optimiser moments, run.json."""
     names = {id(p): n for n, p in model.trainable().items()}
     moments = {}
@@ -272,7 +289,8 @@ def save(model, opt, args, step: int, counts: dict, lam: float):
             moments[f"{names[id(p)]}.{k}"] = st[k].detach().cpu().contiguous()
         moments[f"{names[id(p)]}.step"] = st["step"].detach().float().cpu().reshape(1)
     adapters = {n: p.detach().float().contiguous().cpu() for n, p in model.trainable().items()}
-    settings = {**vars(args), "step": step, "counts": counts, "lora": model.settings, "lambda_now": lam}
+    settings = {**vars(args), "step": step, "counts": counts, "lora": model.settings, "lambda_now": lam,
+                "processes": processes}
     lr.save_checkpoint(args.out, step, {"optimizer.safetensors": lambda path: save_file(moments, path),
                                         "adapters.safetensors": lambda path: save_file(adapters, path),
                                         "run.json": lambda path: lr.write_json(path, settings)})
@@ -303,15 +321,20 @@ def prepare_out(args):
     print(f"--overwrite: replacing the run in {args.out}", file=sys.stderr)
 
 
-def restore(model, opt, args) -> tuple[int, float]:
+def restore(model, opt, args, processes: int = 1, writes: bool = True) -> tuple[int, float]:
     """Load the newest complete checkpoint of args.out; return the step to continue from and lambda. Every
-    setting that changes the result must equal the run's, or the resume is refused naming it."""
+    setting that changes the result must equal the run's, or the resume is refused naming it. writes: this
+    process keeps the log (rank 0); every rank loads the same checkpoint."""
     folder = lr.latest_checkpoint(args.out)
     saved = qwen.read_json(os.path.join(folder, "run.json"))
     for k, v in vars(args).items():
         if k not in RESUME_FREE and saved.get(k) != v:
             raise ValueError(f"--resume: --{k.replace('_', '-')} {v} but the run in {args.out} used "
                              f"{saved.get(k)}: resume with the run's settings, or train afresh into another --out")
+    before = saved.get("processes", 1)
+    if before != processes and args.lora_dropout > 0:  # the other settings leave the result to round-off
+        raise ValueError(f"--resume: {processes} processes but the run in {args.out} used {before}, and the LoRA "
+                         f"dropout masks are drawn per process: resume with torchrun --nproc-per-node {before}")
     lr.load_adapters(model, os.path.join(folder, "adapters.safetensors"))
     moments = load_file(os.path.join(folder, "optimizer.safetensors"))
     for n, p in model.trainable().items():
@@ -321,7 +344,8 @@ def restore(model, opt, args) -> tuple[int, float]:
             opt.state[p] = {"step": moments[f"{n}.step"].reshape(()).to(step_device),
                             "exp_avg": moments[f"{n}.exp_avg"].to(p.device),
                             "exp_avg_sq": moments[f"{n}.exp_avg_sq"].to(p.device)}
-    keep_log_until(os.path.join(args.out, "log.jsonl"), saved["step"])
+    if writes:
+        keep_log_until(os.path.join(args.out, "log.jsonl"), saved["step"])
     print(f"--resume: from {folder}, step {saved['step']} of {args.steps}", file=sys.stderr)
     return saved["step"], saved["lambda_now"]
 
@@ -365,11 +389,16 @@ def default_flips(layers: int, micro_batches: int, measurements: int = 60) -> in
     return min(layers, MAX_DEFAULT_FLIPS, max(2, math.ceil(measurements * layers / micro_batches)))
 
 
+def flipped_blocks(layers: int, flips: int, g: torch.Generator) -> list[int]:
+    """The blocks one micro-batch flips: the next draw from the step's generator."""
+    return torch.randperm(layers, generator=g)[:flips].tolist()
+
+
 def measured_router_loss(model, x: dict, token_loss, scores, gates, inputs, price, flips: int,
                          g: torch.Generator, autocast, fixed: bool):
     """Flip `flips` blocks (a fresh draw each micro-batch), measure what closing each costs every row,
     and return the routers' classification loss against the price and the costs (B, flips)."""
-    blocks = torch.randperm(len(model.routers), generator=g)[:flips].tolist()
+    blocks = flipped_blocks(len(model.routers), flips, g)
     rows = x["ids"].shape[0]
     now = lr.row_means(token_loss, x["target_rows"], rows)  # (B,) mean nats/token under the gates actually used
     loss, costs = 0.0, []
@@ -385,19 +414,23 @@ def measured_router_loss(model, x: dict, token_loss, scores, gates, inputs, pric
     return loss, torch.stack(costs, 1)
 
 
-def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generator, autocast):
+def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generator, autocast, share: float = 1.0):
     """One micro-batch's two losses as train() backpropagates them, each already scaled for the step:
-    (LM loss per target token of the step, gate loss, gates (B, L), measured costs (B, flips) or None)."""
+    (LM loss per target token of the step, gate loss, gates (B, L), measured costs (B, flips) or None).
+    n_target counts the whole step's targets, every rank's, and share is this rank's part of the
+    micro-batch's rows, so that the ranks' losses sum to the one-process step's."""
     measured = not model.straight_through
     with autocast:  # the head and the loss run only where the next token is a target
         token_loss, scores, gates, inputs = model.train_forward(
             x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast, keep_inputs=measured)
     lm = token_loss.sum() / n_target
+    # The gate losses are means over this rank's rows: times its share of the rows, they sum over the
+    # ranks to the mean over the whole micro-batch, as one process has it.
     if not measured:
-        return lm, lam * lr.gate_loss(scores) / args.grad_accum, gates, None
+        return lm, lam * lr.gate_loss(scores) * share / args.grad_accum, gates, None
     gate, cost = measured_router_loss(model, x, token_loss.detach(), scores, gates, inputs, lam, args.flips,
                                       flip_rng, autocast, args.fast)
-    return lm, gate / args.grad_accum, gates, cost
+    return lm, gate * share / args.grad_accum, gates, cost
 
 
 def on_device(b, device: str) -> dict:
@@ -431,6 +464,20 @@ class Window:
         self.sums[name].index_add_(0, kinds, totals.double())
         self.counts[name].index_add_(0, kinds, torch.full_like(totals, count, dtype=torch.float64))
 
+    def sum_ranks(self, *scalars: torch.Tensor) -> list[torch.Tensor]:
+        """Sum every rank's window into this one, and the scalars with it, in one all_reduce (at log lines
+        only: the window's names are the same on every rank, as every rank runs the same code)."""
+        names, n = sorted(self.sums), len(self.kinds)
+        extra = torch.stack([torch.as_tensor(s, dtype=torch.float64, device=self.device)
+                             for s in (self.tokens, *scalars)])
+        flat = torch.cat([*(self.sums[k] for k in names), *(self.counts[k] for k in names), extra])
+        dist.all_reduce(flat)
+        pieces = flat.split([n] * 2 * len(names) + [len(extra)])
+        self.sums = dict(zip(names, pieces[:len(names)]))
+        self.counts = dict(zip(names, pieces[len(names):2 * len(names)]))
+        self.tokens = int(pieces[-1][0])
+        return list(pieces[-1][1:])
+
     def percents(self) -> dict:
         """{f"{name}_{kind}": mean in %} for every kind seen: the one read of these sums."""
         out = {}
@@ -440,11 +487,167 @@ class Window:
         return out
 
 
+# ---- several processes (torchrun)
+
+TIMEOUT_ENV = "LAYERROUTE_DIST_TIMEOUT"
+
+
+class Ranks(NamedTuple):
+    """This process's place in a torchrun job: rank `rank` of `size`, on cuda:`local`. One process: (0, 1, 0)."""
+    rank: int = 0
+    size: int = 1
+    local: int = 0
+
+
+def collective_timeout() -> float:
+    """Seconds a collective waits for the other ranks before it fails: $LAYERROUTE_DIST_TIMEOUT, default 600."""
+    text = os.environ.get(TIMEOUT_ENV, "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{TIMEOUT_ENV}={text}: expected a number of seconds > 0")
+    return seconds
+
+
+def join_ranks(args) -> Ranks:
+    """Join torchrun's process group when torchrun started this process (WORLD_SIZE > 1): NCCL on CUDA, each
+    process on cuda:LOCAL_RANK, gloo on CPU. Without torchrun, one process, as ever."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if args.batch_size % size:
+        raise ValueError(f"--batch-size {args.batch_size}: not a multiple of the {size} processes, which take "
+                         "equal shares of each micro-batch's rows")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        if args.device != "cuda":
+            raise ValueError(f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; "
+                             "pass --device cuda")
+        args.device = f"cuda:{ranks.local}"
+        torch.cuda.set_device(ranks.local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=collective_timeout()),
+                            device_id=torch.device(args.device) if cuda else None)
+    return ranks
+
+
+@contextlib.contextmanager
+def rank0_speaks(ranks: Ranks):
+    """Only rank 0 prints: the others' stderr goes nowhere while they train (train() reports their failures)."""
+    if ranks.rank == 0:
+        yield
+        return
+    with open(os.devnull, "w") as nowhere, contextlib.redirect_stderr(nowhere):
+        yield
+
+
+def share_of(b, ranks: Ranks):
+    """Rank r's rows of a micro-batch: r, r + N, ... (rows come sorted by length, so every share is alike).
+    The length stays the batch's, so each row is computed exactly as one process computes it."""
+    if ranks.size == 1:
+        return b
+    rows = slice(ranks.rank, None, ranks.size)
+    labels = b.labels[rows].contiguous()
+    return dataclasses.replace(b, ids=b.ids[rows].contiguous(), labels=labels,
+                               prompt_lens=b.prompt_lens[rows].contiguous(), kinds=b.kinds[rows],
+                               n_target=int((labels != -100).sum()))
+
+
+def same_start(params: list):
+    """Every rank starts from rank 0's tensors (each builds them from the same seed already; this makes
+    sure of it whatever the device's random numbers)."""
+    for p in params:
+        dist.broadcast(p.data, 0)
+
+
+def sum_gradients(params: list, may_differ: bool):
+    """Sum the ranks' gradients into each rank's, in one all_reduce over a flat copy in model.trainable()'s
+    order. SUM, not mean: each rank's loss is already its share of the step's, so the sum is the one-process
+    gradient. A parameter with no gradient on any rank keeps none, so AdamW leaves it as one process does
+    (moments not decayed, step not counted); a rank without one, where another has one, adds zeros."""
+    present = [p.grad is not None for p in params]
+    if may_differ:
+        # The eager step runs a block only for its open rows, and a short micro-batch leaves a rank without
+        # rows, so one rank may have a gradient where another has none. Reading the flags waits for the
+        # device, as the eager step waits for its gates anyway. Otherwise (the fixed-shape step computes
+        # every block for every row, and every rank flips the same routers) the flags are the same on every
+        # rank, and nothing here waits for the device.
+        flags = torch.tensor(present, dtype=torch.int32, device=params[0].device)
+        dist.all_reduce(flags)
+        present = [bool(f) for f in flags.tolist()]
+    have = [p for p, has in zip(params, present) if has]
+    if not have:
+        return
+    flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in have])
+    dist.all_reduce(flat)
+    for p, g in zip(have, flat.split([p.numel() for p in have])):
+        p.grad = g.view_as(p)
+
+
+def memory_use(model: lr.LayerRoute, args, dtype: torch.dtype, processes: int = 1) -> dict:
+    """Bytes one process holds at the peak of a step: backbone, trainable (with gradients and AdamW's moments)
+    and activations, and their total. Activations are rough: about 18 d + 5 f values a token in each block
+    with LoRA dropout, 8 d + 4 f without (counted with saved-tensor hooks on a small model, LoRA on every
+    Linear), d with --checkpoint-blocks plus one block recomputed; the LM head's logits, their float32 copy
+    and log-softmax for every token, as if every token a target."""
+    cfg = model.base.cfg
+    backbone = {}
+    for p in model.base.parameters():
+        if not p.requires_grad:
+            backbone[p.dtype] = backbone.get(p.dtype, 0) + p.numel() * p.element_size()
+    n_train = model.counts()["trainable"]
+    per_param = 16 + 4 * (processes > 1)  # float32 weight, gradient and AdamW's two moments (+ the all-reduce copy)
+    rows, size = args.batch_size // processes, torch.finfo(dtype).bits // 8
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    per_block = 18 * d + 5 * f if args.lora_dropout > 0 else 8 * d + 4 * f
+    kept = L * d + per_block if args.checkpoint_blocks else L * per_block
+    tokens = rows * args.max_len  # the most a micro-batch holds
+    use = {"backbone": sum(backbone.values()), "trainable": n_train * per_param,
+           "activations": tokens * kept * size + tokens * cfg.vocab_size * (size + 8)}
+    return {**use, "total": sum(use.values()), "backbone_dtypes": backbone, "n_trainable": n_train,
+            "per_param": per_param, "rows": rows, "per_token_block": kept // L}
+
+
+def memory_estimate(model: lr.LayerRoute, args, dtype: torch.dtype, processes: int = 1) -> str:
+    """memory_use as one line, in GiB."""
+    m, gib = memory_use(model, args, dtype, processes), 2 ** 30
+    dtypes = ", ".join(f"{str(t).removeprefix('torch.')} {b / gib:.2f}" for t, b in m["backbone_dtypes"].items())
+    return (f"memory per process, rough: backbone {m['backbone'] / gib:.2f} GiB ({dtypes}), trainable "
+            f"{m['trainable'] / gib:.2f} GiB ({m['n_trainable']:,} x {m['per_param']} bytes: float32 weight, "
+            f"gradient, AdamW's two moments{', all-reduce copy' if processes > 1 else ''}), activations at most "
+            f"{m['activations'] / gib:.2f} GiB ({m['rows']} rows x {args.max_len} tokens, ~{m['per_token_block']:,} "
+            f"values a token a block{' checkpointed' if args.checkpoint_blocks else ''}, the LM head's logits for "
+            f"every token) = {m['total'] / gib:.2f} GiB")
+
+
 def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute:
-    """The training loop. stop_at ends early after that step, as an interruption would (tests)."""
+    """Train, as one process or as one rank of a torchrun job. stop_at ends early after that step, as an
+    interruption would (tests). A rank that fails says so and leaves the process group; torchrun then
+    stops the other ranks (and a rank that hangs fails the others' next collective, after the timeout)."""
+    ranks = join_ranks(args)
+    try:
+        with rank0_speaks(ranks):
+            return train_steps(args, ranks, stop_at)
+    except Exception:
+        if ranks.size > 1:
+            print(f"rank {ranks.rank} of {ranks.size} failed: ending the run (torchrun stops the other ranks)",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        if ranks.size > 1:
+            dist.destroy_process_group()
+
+
+def train_steps(args: argparse.Namespace, ranks: Ranks, stop_at: int | None) -> lr.LayerRoute:
+    """The training loop, on this process's share of every micro-batch's rows."""
     qwen.set_attention_backends()
     if args.steps > 0:
-        prepare_out(args)  # before the model loads: a run in --out is refused at once
+        if ranks.rank == 0:
+            prepare_out(args)  # before the model loads: a run in --out is refused at once
+        if ranks.size > 1:
+            dist.barrier()  # the others start once --out is ready (with --overwrite, the old run gone)
     model, dtype = build(args)
     counts = model.counts()
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) +
@@ -466,41 +669,63 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
               "every later step and block reuses them", file=sys.stderr)
     # lam: the regulariser's weight (ste) or the price of a kept block in nats/token (measured); a device
     # tensor, so that dual ascent (--skip-target) moves it without waiting for the GPU
-    step, lam = restore(model, opt, args) if args.resume else (0, args.price if measured else args.gate_lambda)
+    step, lam = restore(model, opt, args, ranks.size, writes=ranks.rank == 0) if args.resume else \
+        (0, args.price if measured else args.gate_lambda)
     lam = torch.tensor(lam, dtype=torch.float64, device=args.device)
+    params = list(model.trainable().values())
+    if ranks.size > 1:
+        same_start(params)
     batches = training_batches(args, model, start=step * args.grad_accum)
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    print(memory_estimate(model, args, dtype, ranks.size), file=sys.stderr)
     model.train()
     t_start = t_last = time.time()
     t_first, window = None, Window(args.device)
     while step < args.steps:
         if args.check_syncs and t_first is not None:  # step 1 may compile, and compiling may wait
             torch.cuda.set_sync_debug_mode("error")
-        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout masks depend on the step alone
-        flip_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # so do the flipped blocks
-        micro = [next(batches) for _ in range(args.grad_accum)]
-        n_target = sum(b.n_target for b in micro)  # the loss is per target token of the whole step
+        # Dropout masks depend on the step alone, and on the rank: each rank draws masks for its own rows
+        # (one process: the seed is the step's), so runs compared across process counts use --lora-dropout 0.
+        torch.manual_seed((args.seed * 1_000_003 + step) * ranks.size + ranks.rank)
+        # The flipped blocks depend on the step alone, the same on every rank: each row is then measured on
+        # the blocks one process would flip for it, each router's loss is the mean over every rank's rows of
+        # the same blocks (micro_loss), and the step equals the one-process step. Flipping other blocks per
+        # rank would measure more blocks a step, but train another run than one process does.
+        flip_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        micro = [next(batches) for _ in range(args.grad_accum)]  # every rank draws every micro-batch
+        n_target = sum(b.n_target for b in micro)  # the loss is per target token of the whole step, every rank's
         if n_target == 0:
             raise ValueError(f"step {step + 1}: no target token in its rows (--max-len {args.max_len} leaves "
                              "no room for an answer?)")
         lm_step = gate_step = closed_step = 0.0  # device tensors after the first micro-batch: read at log lines
         for b in micro:
-            x = on_device(b, args.device)
-            lm, gate, gates, cost = micro_loss(model, x, n_target, lam, args, flip_rng, autocast)
+            mine = share_of(b, ranks)
+            if not mine.kinds:  # a short micro-batch (an epoch's last) leaves this rank no row
+                if measured:
+                    flipped_blocks(len(model.routers), args.flips, flip_rng)  # in step with the other ranks
+                continue
+            x = on_device(mine, args.device)
+            lm, gate, gates, cost = micro_loss(model, x, n_target, lam, args, flip_rng, autocast,
+                                               len(mine.kinds) / len(b.kinds))
             if measured:
                 window.add("cheap", x["kinds"], (cost < lam).float().sum(1), args.flips)
             (lm + gate).backward()
             closed = (1 - gates).mean(1)  # (B,) share of each row's blocks skipped
             window.add("skip", x["kinds"], closed)
             lm_step, gate_step = lm_step + lm.detach(), gate_step + gate.detach()
-            closed_step = closed_step + closed.double().sum() / (len(micro) * len(b.kinds))
-            window.tokens += int(b.ids.numel())
-        torch.nn.utils.clip_grad_norm_(list(model.trainable().values()), args.clip)
+            closed_step = closed_step + closed.double().sum() / (len(micro) * len(b.kinds))  # b: every rank's rows
+            window.tokens += int(x["ids"].numel())
+        if ranks.size > 1:  # the eager step, or a rank left without a row, may lack gradients others have
+            sum_gradients(params, may_differ=not args.fast or any(len(b.kinds) < ranks.size for b in micro))
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_at(step, args)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if args.skip_target is not None:  # dual ascent: more pressure while too few blocks close
+            if ranks.size > 1:  # every rank's rows, so that lambda stays the same on every rank
+                closed_step = torch.as_tensor(closed_step, dtype=torch.float64, device=args.device)
+                dist.all_reduce(closed_step)
             lam = (lam * torch.exp(args.lambda_rate * (args.skip_target - closed_step))).clamp(max=1e4)
         step += 1
         if args.check_syncs:
@@ -511,6 +736,8 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
                 print(f"step 1 with compilation: {t_first:.1f} s", file=sys.stderr, flush=True)
         if step % args.log_every == 0 or step == args.steps:
             dt, t_last = time.time() - t_last, time.time()  # reading the metrics below waits for the GPU once
+            if ranks.size > 1:
+                lm_step, gate_step = window.sum_ranks(lm_step, gate_step)
             rec = {"step": step, "loss": float(lm_step), "gate_loss": float(gate_step), "lambda": float(lam),
                    "lr": opt.param_groups[0]["lr"], "tok_per_s": window.tokens / dt,
                    "elapsed_s": time.time() - t_start, **window.percents()}
@@ -521,10 +748,11 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
             print(f"step {step}/{args.steps} | lm {rec['loss']:.4f} | gate {rec['gate_loss']:.4f} | skip % " +
                   " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in kinds) + cheap +
                   f" | {rec['tok_per_s']:,.0f} tok/s | eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
-            append_line(os.path.join(args.out, "log.jsonl"), json.dumps(rec) + "\n")
+            if ranks.rank == 0:
+                append_line(os.path.join(args.out, "log.jsonl"), json.dumps(rec) + "\n")
             window = Window(args.device)
-        if step % args.save_every == 0 or step == args.steps:
-            save(model, opt, args, step, counts, float(lam))
+        if (step % args.save_every == 0 or step == args.steps) and ranks.rank == 0:
+            save(model, opt, args, step, counts, float(lam), ranks.size)
         if stop_at is not None and step >= stop_at:
             break
     if args.compile:

@@ -26,6 +26,10 @@ and date:
    loss within 1% relative, each gradient's cosine similarity at least 0.99; and train.py
    --check-syncs for 20 steps (no host synchronisation inside a step).
 
+5. big (only when asked: --parts big): Qwen2.5-7B's shapes (configs/qwen2.5-7b-instruct.json, random
+   weights) on one GPU at 16 x 512: the defaults with and without --checkpoint-blocks, and the paper's
+   recipe: tokens/s, model-FLOP utilisation and peak memory (bench/memory.py gives the estimate).
+
 --parts picks some of them (e.g. --parts mfu,hf to rerun two).
 """
 import argparse
@@ -115,8 +119,10 @@ def step_flops(cfg, B: int, T: int, n_target: int, rank: int, targets: str, flip
 
 
 def timed_step(args_list: list, model_dir: str, shape=(16, 512), extra_model=None):
-    """A closure running one optimiser step of train.py's loop on one synthetic batch, and its FLOPs."""
-    a = train.parse_args(["--model", model_dir, "--batch-size", str(shape[0]), "--max-len", str(shape[1]),
+    """A closure running one optimiser step of train.py's loop on one synthetic batch, and its FLOPs.
+    model_dir may be a config.json instead: random weights of its shapes, built on the device."""
+    source = ["--random-init", model_dir] if model_dir.endswith(".json") else ["--model", model_dir]
+    a = train.parse_args([*source, "--batch-size", str(shape[0]), "--max-len", str(shape[1]),
                           "--out", tempfile.mkdtemp(), "--device", DEVICE, "--fast", *args_list])
     model, dtype = train.build(a)
     model.straight_through = a.gate_grad == "ste"
@@ -176,6 +182,31 @@ def mfu(args, model_dir: str):
               f"per step, {flops / s / 1e12:.1f} TFLOP/s, MFU {100 * flops / s / (1e12 * args.peak_tflops):.1f}% "
               f"of {args.peak_tflops:g}; peak memory {peak_gib():.1f} GiB; build + compile + 3 steps {warm:.0f} s",
               flush=True)
+        del step
+        torch._dynamo.reset()
+
+
+def big(args):
+    """--big-config's shapes (Qwen2.5-7B) on one GPU at the paper batch: the defaults with and without
+    --checkpoint-blocks, and the paper's recipe: tok/s, MFU, peak memory against train.py's estimate."""
+    for name, extra in (("defaults", []), ("defaults --checkpoint-blocks", ["--checkpoint-blocks"]),
+                        ("paper recipe", PAPER)):
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        try:
+            step, flops, tokens = timed_step(extra, args.big_config)
+            for _ in range(2):
+                step()
+            s = statistics.median(seconds(step, 3) for _ in range(3))
+        except torch.OutOfMemoryError as e:
+            print(f"big {name}: out of memory ({str(e)[:120]})", flush=True)
+            continue
+        print(f"big {name}: {os.path.basename(args.big_config)}, 16 x 512, {1000 * s:.0f} ms/step, {tokens / s:,.0f} "
+              f"tok/s, MFU {100 * flops / s / (1e12 * args.peak_tflops):.1f}%; peak memory {peak_gib():.1f} GiB; "
+              f"build + compile + 2 steps {time.time() - t0:.0f} s", flush=True)
         del step
         torch._dynamo.reset()
 
@@ -275,7 +306,10 @@ def main():
     p.add_argument("--tokenizer", required=True, help="the real Qwen tokenizer.json")
     p.add_argument("--config", required=True,
                    help="Qwen2.5-0.5B-Instruct's config.json (configs/qwen2.5-0.5b-instruct.json)")
-    p.add_argument("--parts", default="main,mfu,hf,check", help="which measurements, comma-separated")
+    p.add_argument("--parts", default="main,mfu,hf,check", help="which measurements, comma-separated (big: "
+                   "--big-config's shapes, about 3 more minutes)")
+    p.add_argument("--big-config", default=os.path.join(ROOT, "configs", "qwen2.5-7b-instruct.json"),
+                   help="big: the config.json whose shapes to train (random weights)")
     p.add_argument("--warm", type=int, default=30, help="main: steps before the timed ones (compile, warm-up)")
     p.add_argument("--timed", type=int, default=300, help="main: steps timed after --warm")
     p.add_argument("--cap", type=float, default=100, help="main: seconds a run may take at most")
@@ -302,6 +336,8 @@ def main():
         hf_side_by_side(args, model_dir)
     if "check" in parts:
         check(args, model_dir, args.work)
+    if "big" in parts:
+        big(args)
     print(f"done in {time.time() - t0:.0f} s")
 
 

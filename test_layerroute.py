@@ -2260,6 +2260,19 @@ def test_eval_cli_end_to_end(tmp_path, capsys, one_thread):
     assert "gate threshold 0.3" in [t.get_text() for t in scatter.get_legend().get_texts()]
 # ---- end eval ----
 
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_train_and_eval_run_on_each_family(tmp_path, family, one_thread):
+    family_checkpoint(tmp_path / "model", family, tie=False)
+    write_tiny_tokenizer(tmp_path / "model")
+    write_tiny_data(tmp_path / "data")
+    train.train(train_args(tmp_path, "--steps", "2", "--out", str(tmp_path / "run")))  # train_args keeps this model
+    assert qwen.QwenConfig.from_json(str(tmp_path / "model" / "config.json")).qk_norm == (family == "qwen3")
+    rep = ev.main(["--run", str(tmp_path / "run"), "--split", "all", "--n", "4", "--gen-n", "1",
+                   "--max-new-tokens", "4", "--latency-n", "0", "--bootstrap", "10"])
+    assert {"tool_call", "planning"} <= rep["types"].keys()
+    assert all(t["ppl_routed"] > 1 and len(t["per_layer_skip_pct"]) == 2 for t in rep["types"].values())
+
+
 def test_eval_checks_its_output_before_the_work_and_prints_before_writing(tmp_path, capsys, monkeypatch, one_thread):
     train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
     argv = ["--run", str(tmp_path / "run"), "--split", "all", "--n", "2", "--gen-n", "0", "--latency-n", "0",

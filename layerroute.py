@@ -487,3 +487,45 @@ def load_run(run: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     model = LayerRoute(base, **settings["lora"])
     load_adapters(model, os.path.join(folder, "adapters.safetensors"))
     return model.to(device).eval(), tok, settings
+
+
+# ---- exports
+
+def export_peft(model: LayerRoute, base_model: str, out: str):
+    """The LoRA of a run as a PEFT adapter (adapter_config.json + adapter_model.safetensors) that
+    `peft.PeftModel.from_pretrained` loads onto transformers' model of base_model: the LoRA-only model,
+    every block on. Routing does not carry over (PEFT has no gates)."""
+    s = model.settings
+    tensors = {}
+    for name, p in model.named_parameters():
+        if ".lora_A" in name or ".lora_B" in name:  # base.layers.0.self_attn.q_proj.lora_A -> PEFT's key
+            tensors[f"base_model.model.model.{name[len('base.'):]}.weight"] = p.detach().float().contiguous().cpu()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": s["rank"], "lora_alpha": s["alpha"], "lora_dropout": s["dropout"], "bias": "none",
+              "target_modules": sorted(n for _, names in LORA_TARGETS[s["targets"]] for n in names),
+              "fan_in_fan_out": False, "inference_mode": True}
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, "adapter_model.safetensors"), lambda tmp: save_file(tensors, tmp))
+    write_json(os.path.join(out, "adapter_config.json"), config)
+
+
+def main(argv=None):
+    import argparse
+    from qwen import ShowDefaults
+    p = argparse.ArgumentParser(description="Export a trained run.", formatter_class=ShowDefaults)
+    sub = p.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="a run's LoRA as a PEFT adapter", formatter_class=ShowDefaults)
+    export.add_argument("--run", required=True, help="a run folder written by train.py")
+    export.add_argument("--peft", required=True, metavar="OUT", help="folder for adapter_config.json and "
+                        "adapter_model.safetensors (the LoRA-only model: PEFT has no routing)")
+    args = p.parse_args(argv)
+    model, _, settings = load_run(args.run)
+    if settings.get("random_init"):
+        raise ValueError(f"{args.run}: trained on random weights (--random-init): no checkpoint to adapt")
+    export_peft(model, settings["model"], args.peft)
+    print(f"wrote {args.peft}: PEFT loads it onto {settings['model']} (LoRA only, every block on)")
+
+
+if __name__ == "__main__":
+    from qwen import cli
+    cli(main)

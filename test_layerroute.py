@@ -1497,6 +1497,30 @@ def test_layerroute_checkpointed_blocks_give_the_same_loss_and_gradients(tmp_pat
     assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
 
 
+@pytest.mark.parametrize("targets", ["attn", "all"])
+def test_peft_export_loads_in_peft_with_our_lora_only_logits(tmp_path, targets):
+    import peft  # test-only, as transformers: the adapter's reference
+    from transformers import Qwen2ForCausalLM
+    write_checkpoint(tmp_path / "m", tie=False)
+    model = lr.LayerRoute(qwen.load_model(str(tmp_path / "m")), rank=4, alpha=8, targets=targets)
+    set_routers(model, [-3.0] * 4)  # closed gates: the export is the LoRA-only model all the same
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    model.eval()
+    model.open_gates = True
+    lr.export_peft(model, str(tmp_path / "m"), str(tmp_path / "peft"))
+    theirs = peft.PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(str(tmp_path / "m")),
+                                            str(tmp_path / "peft")).eval()
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        ours, ref = model(ids), theirs(input_ids=ids).logits
+        assert (ours - ref).abs().max() <= 1e-4
+        model.lora(False)
+        assert (model(ids) - ref).abs().max() > 1e-3  # the adapter is in there: base logits differ
+
+
 # ---- end layerroute ----
 
 # ---- train ----
@@ -2259,6 +2283,15 @@ def test_eval_cli_end_to_end(tmp_path, capsys, one_thread):
     assert scatter.get_title().startswith("run (all split): ")
     assert "gate threshold 0.3" in [t.get_text() for t in scatter.get_legend().get_texts()]
 # ---- end eval ----
+
+def test_export_cli_writes_a_peft_adapter_of_a_run(tmp_path, capsys):
+    train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
+    lr.main(["export", "--run", str(tmp_path / "run"), "--peft", str(tmp_path / "peft")])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (32, 64.0, "LORA")
+    assert config["base_model_name_or_path"] == str(tmp_path / "model")
+    assert "LoRA only" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_train_and_eval_run_on_each_family(tmp_path, family, one_thread):

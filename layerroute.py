@@ -509,21 +509,77 @@ def export_peft(model: LayerRoute, base_model: str, out: str):
     write_json(os.path.join(out, "adapter_config.json"), config)
 
 
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def export_merged(model: LayerRoute, base_model: str, out: str):
+    """The run as a checkpoint in the official layout, LoRA folded into the weights (W + scale * B @ A):
+    config.json, tokenizer files and model.safetensors, which qwen.py and transformers load as the LoRA-only
+    model; and routers.safetensors with layerroute.json beside them, so that load_merged gives back the
+    routed model."""
+    from qwen import resolve
+    source = resolve(base_model)
+    os.makedirs(out, exist_ok=True)
+    for name in MODEL_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
+    merged = {}
+    with torch.no_grad():
+        for name, m in model.base.named_modules():
+            if isinstance(m, LoRALinear) and m.base_weight is None:
+                merged[f"{name}.weight"] = m.weight.float() + m.scale * m.lora_B.float() @ m.lora_A.float()
+        tensors = {}
+        for name, t in model.base.state_dict().items():
+            if ".lora_" in name or (name == "lm_head.weight" and model.base.cfg.tie_word_embeddings):
+                continue
+            key = name if name.startswith("lm_head.") else f"model.{name}"
+            tensors[key] = merged.get(name, t).to(t.dtype).contiguous().cpu()
+    atomic_write(os.path.join(out, "model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    routers = {n: p.detach().float().contiguous().cpu() for n, p in model.routers.named_parameters()}
+    atomic_write(os.path.join(out, "routers.safetensors"), lambda tmp: save_file(routers, tmp))
+    write_json(os.path.join(out, "layerroute.json"), {"pooling": model.pooling, "threshold": model.threshold})
+
+
+def load_merged(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LayerRoute:
+    """The routed model of an export_merged folder: its checkpoint (LoRA inside) with the routers beside it."""
+    from qwen import load_model, read_json
+    settings = read_json(os.path.join(folder, "layerroute.json"))
+    model = LayerRoute(load_model(folder, device, dtype), rank=1, alpha=1.0, pooling=settings["pooling"])
+    model.lora(False)  # the update is in the weights already
+    tensors = load_file(os.path.join(folder, "routers.safetensors"))
+    with torch.no_grad():
+        for n, p in model.routers.named_parameters():
+            p.copy_(tensors[n])
+    model.threshold = settings["threshold"]
+    return model.to(device).eval()
+
+
 def main(argv=None):
     import argparse
     from qwen import ShowDefaults
     p = argparse.ArgumentParser(description="Export a trained run.", formatter_class=ShowDefaults)
     sub = p.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="a run's LoRA as a PEFT adapter", formatter_class=ShowDefaults)
+    export = sub.add_parser("export", help="a run as a PEFT adapter or a merged checkpoint",
+                            formatter_class=ShowDefaults)
     export.add_argument("--run", required=True, help="a run folder written by train.py")
-    export.add_argument("--peft", required=True, metavar="OUT", help="folder for adapter_config.json and "
+    export.add_argument("--peft", metavar="OUT", help="folder for adapter_config.json and "
                         "adapter_model.safetensors (the LoRA-only model: PEFT has no routing)")
+    export.add_argument("--merged", metavar="OUT", help="folder for a checkpoint with LoRA folded in (what "
+                        "transformers loads is the LoRA-only model), the routers beside it (lr.load_merged)")
     args = p.parse_args(argv)
+    if not (args.peft or args.merged):
+        p.error("export: give --peft OUT, --merged OUT or both")
     model, _, settings = load_run(args.run)
     if settings.get("random_init"):
         raise ValueError(f"{args.run}: trained on random weights (--random-init): no checkpoint to adapt")
-    export_peft(model, settings["model"], args.peft)
-    print(f"wrote {args.peft}: PEFT loads it onto {settings['model']} (LoRA only, every block on)")
+    if args.peft:
+        export_peft(model, settings["model"], args.peft)
+        print(f"wrote {args.peft}: PEFT loads it onto {settings['model']} (LoRA only, every block on)")
+    if args.merged:
+        export_merged(model, settings["model"], args.merged)
+        print(f"wrote {args.merged}: a checkpoint with LoRA folded in (LoRA only, every block on, for "
+              "transformers); layerroute.load_merged adds the routers")
 
 
 if __name__ == "__main__":

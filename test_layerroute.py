@@ -1521,6 +1521,33 @@ def test_peft_export_loads_in_peft_with_our_lora_only_logits(tmp_path, targets):
         assert (model(ids) - ref).abs().max() > 1e-3  # the adapter is in there: base logits differ
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_merged_export_loads_in_qwen_and_transformers_and_routes_again(tmp_path, tie):
+    from transformers import Qwen2ForCausalLM
+    write_checkpoint(tmp_path / "m", tie=tie)
+    write_tiny_tokenizer(tmp_path / "m")
+    model = lr.LayerRoute(qwen.load_model(str(tmp_path / "m")), rank=4, alpha=8)
+    set_routers(model, [0.0] * 4, weight_std=3.0, seed=15)  # rows get different gates
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    model.eval()
+    lr.export_merged(model, str(tmp_path / "m"), str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    ids, lens = torch.randint(3, 300, (4, 9)), torch.tensor([5, 7, 4, 9])
+    with torch.no_grad():
+        routed, gates = model(ids, lens), model.last_gates
+        model.open_gates = True
+        lora_only = model(ids)
+        assert (qwen.load_model(str(tmp_path / "merged"))(ids) - lora_only).abs().max() <= 1e-4
+        theirs = Qwen2ForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+        assert (theirs(input_ids=ids).logits - lora_only).abs().max() <= 1e-4
+        again = lr.load_merged(str(tmp_path / "merged"))
+        assert (again(ids, lens) - routed).abs().max() <= 1e-4 and torch.equal(again.last_gates, gates)
+        assert 0 < gates.mean() < 1  # some blocks skipped, some run
+
+
 # ---- end layerroute ----
 
 # ---- train ----
@@ -2286,7 +2313,9 @@ def test_eval_cli_end_to_end(tmp_path, capsys, one_thread):
 
 def test_export_cli_writes_a_peft_adapter_of_a_run(tmp_path, capsys):
     train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
-    lr.main(["export", "--run", str(tmp_path / "run"), "--peft", str(tmp_path / "peft")])
+    lr.main(["export", "--run", str(tmp_path / "run"), "--peft", str(tmp_path / "peft"), "--merged",
+             str(tmp_path / "merged")])
+    assert lr.load_merged(str(tmp_path / "merged")).pooling == "prompt"
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (32, 64.0, "LORA")
     assert config["base_model_name_or_path"] == str(tmp_path / "model")

@@ -306,12 +306,14 @@ def _glaive_call(text: str) -> dict:
 def read_openai(rec: dict):
     msgs = []
     for m in _field(rec, "messages", list):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise Skip("unknown message role")
         content = m.get("content") or ""
         if isinstance(content, list):  # content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        msgs.append(_msg(m["role"], content, [_call(c) for c in m.get("tool_calls") or []]))
+        role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system turn
+        msgs.append({**_msg(role, content, [_call(c) for c in m.get("tool_calls") or []]),
+                     "kind": stated_kind(m, "message")})
     return msgs, _tools(rec.get("tools") or []), None
 
 
@@ -371,8 +373,20 @@ def render_assistant(content: str, calls: list[dict]) -> str:
     return "\n".join([content] * bool(content) + blocks)
 
 
+def stated_kind(rec: dict, where: str = "record") -> str | None:
+    """A record's (or message's) own step type, `"step_type": "planning"`: a user's data says what its
+    steps are, instead of the source deciding."""
+    kind = rec.get("step_type")
+    if kind is not None and kind not in KINDS:
+        raise Skip(f"{where} step_type not one of {', '.join(KINDS)}")
+    return kind
+
+
 def to_steps(source: str, rid: str, split: str, msgs: list[dict], tools: list[dict],
-             final: str | None) -> list[Step]:
+             final: str | None, stated: str | None = None) -> list[Step]:
+    """One step per assistant turn. Its type: the message's step_type if it states one; else tool_call for a
+    turn with calls; else the record's step_type (planning or reply) if it states one; else planning for a
+    reasoning source, reply otherwise."""
     has_system = bool(msgs) and msgs[0]["role"] == "system"
     system = msgs[0]["content"] or None if has_system else None  # empty -> Qwen's default
     turns = msgs[1:] if has_system else msgs
@@ -389,7 +403,10 @@ def to_steps(source: str, rid: str, split: str, msgs: list[dict], tools: list[di
             body = render_assistant(m["content"], m["calls"])
             if not body:
                 raise Skip("empty assistant turn")
-            kind = "tool_call" if m["calls"] else "planning" if source in PLANNING_SOURCES else "reply"
+            auto = "tool_call" if m["calls"] else "planning" if source in PLANNING_SOURCES else "reply"
+            kind = m.get("kind") or (stated if stated and not m["calls"] else auto)
+            if (kind == "tool_call") != bool(m["calls"]):
+                raise Skip("step_type tool_call needs tool calls, and only it may have them")
             answer = m["calls"] if m["calls"] else final if kind == "planning" else None
             prompt = text + "<|im_start|>assistant\n"
             steps.append(Step(f"{source}:{rid}:{len(steps)}", source, kind, split, prompt,
@@ -614,7 +631,7 @@ def load_steps(data_dir: str | None = None, cache_dir: str | None = None,
             where, rec, own = pending[source][rid]
             try:
                 msgs, tools, final = READERS[source](rec)
-                new = to_steps(source, rid, split_of(source, rid, own), msgs, tools, final)
+                new = to_steps(source, rid, split_of(source, rid, own), msgs, tools, final, stated_kind(rec))
             except Skip as e:
                 _skipped(rep, str(e), where)
                 continue

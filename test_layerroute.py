@@ -1228,6 +1228,29 @@ def test_print_summary_lists_new_reasons(tmp_path, capsys):
     json.dumps(summary)  # --json still prints it
 
 
+def test_own_data_states_its_step_type_and_developer_is_system(tmp_path):
+    recs = [{"step_type": "planning", "messages": [
+        {"role": "developer", "content": "Think step by step."}, {"role": "user", "content": f"Plan trip {i}"},
+        {"role": "assistant", "content": f"First, book {i}."},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "book", "arguments": "{}"}}]}]}
+        for i in range(3)]
+    recs.append({"messages": [{"role": "user", "content": "Why?"},
+                              {"role": "assistant", "content": "Because.", "step_type": "planning"}]})
+    recs.append({"step_type": "plan", "messages": [{"role": "user", "content": "x"},
+                                                   {"role": "assistant", "content": "y"}]})
+    recs.append({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "y", "step_type": "tool_call"}]})
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    steps, summary = data.load_steps(str(tmp_path))
+    kinds = sorted(s.kind for s in steps)
+    assert kinds == ["planning"] * 4 + ["tool_call"] * 3  # a call stays a tool call; the rest as stated
+    assert all(s.prompt.startswith("<|im_start|>system\nThink step by step.<|im_end|>") for s in steps
+               if "Plan trip" in s.prompt)
+    skipped = summary["sources"]["openai"]["skipped"]
+    assert skipped["record step_type not one of tool_call, planning, reply"] == 1
+    assert skipped["step_type tool_call needs tool calls, and only it may have them"] == 1
+
+
 # ---- end data ----
 
 # ---- layerroute ----

@@ -35,7 +35,6 @@ Decisions:
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -852,13 +851,12 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Load the agentic data and print what it holds.",
-                                 formatter_class=qwen.ShowDefaults)
+    ap = qwen.Parser(description="Load the agentic data and print what it holds.")
     ap.add_argument("--data-dir", help="read local files (recognised by shape; default: download the four sources)")
     ap.add_argument("--cache-dir", help="huggingface_hub cache for the downloads (default: its own, HF_HOME)")
     ap.add_argument("--tokenizer", default="Qwen/Qwen2.5-0.5B-Instruct", help="tokenizer.json, model folder or hub id")
-    ap.add_argument("--max-len", type=int, default=512, help="training length, for the padding figure")
-    ap.add_argument("--max-records", type=int, default=MAX_RECORDS, help="records kept per source")
+    ap.add_argument("--max-len", type=qwen.number(int, lo=8), default=512, help="training length, for the padding figure")
+    ap.add_argument("--max-records", type=qwen.number(int, lo=1), default=MAX_RECORDS, help="records kept per source")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = ap.parse_args(argv)
     steps, summary = load_steps(args.data_dir, args.cache_dir, args.max_records)

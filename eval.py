@@ -36,7 +36,6 @@ import torch.nn.functional as F
 import data
 import layerroute as lr
 import qwen
-from train import Parser, number
 
 # name -> (LoRA on, every gate open). Routed runs last so last_gates/last_scores are its decision.
 MODES = {"base": (False, True), "lora": (True, True), "routed": (True, False)}
@@ -562,31 +561,30 @@ def read_report(run: str) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(description="Evaluate LayerRoute runs (skip rates, FLOPs, perplexity, accuracy, speed).",
-                                formatter_class=qwen.ShowDefaults)
+    p = qwen.Parser(description="Evaluate LayerRoute runs (skip rates, FLOPs, perplexity, accuracy, speed).")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="a run folder written by train.py")
     which.add_argument("--runs", nargs="+", help="several run folders (seeds), each with report.json: aggregate them")
     p.add_argument("--data-dir", help="data to evaluate on (default: the run's own --data-dir)")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"], help="'all': every step "
                    "(held-out collections); train: rows LoRA trained on, to see what fitting them hides")
-    p.add_argument("--n", type=number(int, lo=1), help="at most this many steps per type (default: all of the split)")
-    p.add_argument("--gen-n", type=number(int, lo=0), default=20, help="steps per type to generate for task accuracy "
+    p.add_argument("--n", type=qwen.number(int, lo=1), help="at most this many steps per type (default: all of the split)")
+    p.add_argument("--gen-n", type=qwen.number(int, lo=0), default=20, help="steps per type to generate for task accuracy "
                    "(0: none; generation is most of the time on a CPU)")
-    p.add_argument("--max-new-tokens", type=number(int, lo=1), default=256, help="generation length cap for task accuracy")
-    p.add_argument("--latency-n", type=number(int, lo=0), default=5, help="prompts per type to time (0: no timing)")
-    p.add_argument("--latency-tokens", type=number(int, lo=1), default=64, help="tokens decoded per timed generation")
-    p.add_argument("--latency-repeats", type=number(int, lo=1), default=3, help="timed repeats per prompt and model")
-    p.add_argument("--threshold", type=number(float, above=0, below=1), default=0.5, help="a gate opens when its router's score is above "
+    p.add_argument("--max-new-tokens", type=qwen.number(int, lo=1), default=256, help="generation length cap for task accuracy")
+    p.add_argument("--latency-n", type=qwen.number(int, lo=0), default=5, help="prompts per type to time (0: no timing)")
+    p.add_argument("--latency-tokens", type=qwen.number(int, lo=1), default=64, help="tokens decoded per timed generation")
+    p.add_argument("--latency-repeats", type=qwen.number(int, lo=1), default=3, help="timed repeats per prompt and model")
+    p.add_argument("--threshold", type=qwen.number(float, above=0, below=1), default=0.5, help="a gate opens when its router's score is above "
                    "this; training uses 0.5, lower closes only the surest skips (bench/threshold.py sweeps it)")
-    p.add_argument("--batch-size", type=number(int, lo=1), default=4, help="rows per teacher-forced batch")
-    p.add_argument("--max-len", type=number(int, lo=8), help="tokens per step, oldest prompt tokens cut (default: the run's)")
-    p.add_argument("--bootstrap", type=number(int, lo=1), default=1000, help="bootstrap resamples for the CIs")
-    p.add_argument("--bin-width", type=number(int, lo=1), default=32, help="prompt-length bin width for length matching")
-    p.add_argument("--seed", type=number(int, lo=0), default=0, help="seed of the step sample and the bootstrap")
+    p.add_argument("--batch-size", type=qwen.number(int, lo=1), default=4, help="rows per teacher-forced batch")
+    p.add_argument("--max-len", type=qwen.number(int, lo=8), help="tokens per step, oldest prompt tokens cut (default: the run's)")
+    p.add_argument("--bootstrap", type=qwen.number(int, lo=1), default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--bin-width", type=qwen.number(int, lo=1), default=32, help="prompt-length bin width for length matching")
+    p.add_argument("--seed", type=qwen.number(int, lo=0), default=0, help="seed of the step sample and the bootstrap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    p.add_argument("--threads", type=number(int, lo=1), help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
+    p.add_argument("--threads", type=qwen.number(int, lo=1), help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
     p.add_argument("--out", help="report path (default: RUN/report.json; with --runs, aggregate.json beside the "
                    "runs)")
     return p

@@ -556,12 +556,10 @@ def load_merged(folder: str, device: str = "cpu", dtype: torch.dtype = torch.flo
 
 
 def main(argv=None):
-    import argparse
-    from qwen import ShowDefaults
-    p = argparse.ArgumentParser(description="Export a trained run.", formatter_class=ShowDefaults)
+    from qwen import Parser
+    p = Parser(description="Export a trained run.")
     sub = p.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="a run as a PEFT adapter or a merged checkpoint",
-                            formatter_class=ShowDefaults)
+    export = sub.add_parser("export", help="a run as a PEFT adapter or a merged checkpoint")
     export.add_argument("--run", required=True, help="a run folder written by train.py")
     export.add_argument("--peft", metavar="OUT", help="folder for adapter_config.json and "
                         "adapter_model.safetensors (the LoRA-only model: PEFT has no routing)")

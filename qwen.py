@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import json
 import math
+import operator
 import os
 import sys
 import time
@@ -751,16 +752,46 @@ class ShowDefaults(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
+BOUNDS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def number(kind=int, lo=None, hi=None, above=None, below=None):
+    """An argparse type: an int or a finite float within bounds (lo <= x <= hi, above < x < below);
+    argparse's error then names the flag and the value, in one line."""
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        bounds = {">=": lo, "<=": hi, ">": above, "<": below}
+        bad = [f"{op} {b}" for op, b in bounds.items() if b is not None and not BOUNDS[op](x, b)]
+        if bad or not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(bad) or 'finite'}, got {text}")
+        return x
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """Every entry point's parser: --help shows each default (ShowDefaults), an error is one line naming
+    the flag (argparse's usage block would bury it)."""
+
+    def __init__(self, *args, formatter_class=None, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class or ShowDefaults, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
 def chatml(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Greedy continuation of a prompt with the Qwen2, Qwen3 or Llama decoder.",
-                                formatter_class=ShowDefaults)
+    p = Parser(description="Greedy continuation of a prompt with the Qwen2, Qwen3 or Llama decoder.")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
     p.add_argument("--prompt", required=True, help="raw prompt text (see --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--max-new-tokens", type=number(int, lo=1), default=64, help="tokens to generate at most")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")

@@ -32,7 +32,6 @@ import datetime
 import errno
 import json
 import math
-import operator
 import os
 import shutil
 import sys
@@ -66,40 +65,12 @@ GATE_DEFAULTS = {"ste": dict(router_lr_mult=30.0, router_bias=1.0),
 MAX_DEFAULT_FLIPS = 6  # a short trial run must not rerun every block per micro-batch
 
 
-BOUNDS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
-
-
-def number(kind=int, lo=None, hi=None, above=None, below=None):
-    """An argparse type: an int or a finite float within bounds (lo <= x <= hi, above < x < below);
-    argparse's error then names the flag and the value, in one line."""
-    def parse(text: str):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        bounds = {">=": lo, "<=": hi, ">": above, "<": below}
-        bad = [f"{op} {b}" for op, b in bounds.items() if b is not None and not BOUNDS[op](x, b)]
-        if bad or not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(bad) or 'finite'}, got {text}")
-        return x
-    return parse
-
-
-class Parser(argparse.ArgumentParser):
-    """Errors in one line, naming the flag (argparse's usage block would bury it)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
-
-
 def per_recipe(key: str) -> str:
     return "default per --recipe: " + ", ".join(f"{name} {r[key]}" for name, r in RECIPES.items())
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(description="Train LayerRoute: LoRA + per-block routers on a frozen Qwen2.",
-                                formatter_class=qwen.ShowDefaults)
+    p = qwen.Parser(description="Train LayerRoute: LoRA + per-block routers on a frozen Qwen2.")
     p.add_argument("--recipe", choices=list(RECIPES), default="layerroute", help="a set of defaults: layerroute "
                    "(ours), paper (the method as the paper describes it), reference (the authors' code)")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or checkpoint folder")
@@ -110,43 +81,43 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (without it, or "
                    "--resume, a run there is never touched)")
-    p.add_argument("--seed", type=number(int, lo=0), default=0, help="seed for init, data order and dropout")
+    p.add_argument("--seed", type=qwen.number(int, lo=0), default=0, help="seed for init, data order and dropout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: bfloat16 "
                    "autocast on CUDA, float32 on CPU)")
-    p.add_argument("--steps", type=number(int, lo=0), default=3000, help="optimiser steps (0: build, print counts, exit)")
-    p.add_argument("--batch-size", type=number(int, lo=1), default=16, help="sequences per micro-batch (16 x 1: the paper's 16 "
+    p.add_argument("--steps", type=qwen.number(int, lo=0), default=3000, help="optimiser steps (0: build, print counts, exit)")
+    p.add_argument("--batch-size", type=qwen.number(int, lo=1), default=16, help="sequences per micro-batch (16 x 1: the paper's 16 "
                    "rows a step, its 4 x 4 in one pass; the loss is per target token of the step either way)")
-    p.add_argument("--grad-accum", type=number(int, lo=1), default=1, help="micro-batches per optimiser step")
+    p.add_argument("--grad-accum", type=qwen.number(int, lo=1), default=1, help="micro-batches per optimiser step")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, help="the fixed-shape step: every block "
                    "computed for every row and kept by its gate, rows padded to --pad-multiple, no host "
                    "synchronisation inside a step (default: on with a cuda --device, off on cpu, where measured "
                    "gates then skip closed blocks' compute)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the fixed-shape "
                    "step's routed block, gated block and loss, once each (default: as --fast; needs --fast)")
-    p.add_argument("--pad-multiple", type=number(int, lo=1), help="pad each micro-batch's length to a multiple of this "
+    p.add_argument("--pad-multiple", type=qwen.number(int, lo=1), help="pad each micro-batch's length to a multiple of this "
                    "(default: 16 with --fast, 1 without)")
-    p.add_argument("--lr", type=number(float, above=0), default=2e-4, help="peak learning rate of LoRA")
-    p.add_argument("--warmup", type=number(int, lo=0), default=100, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--max-len", type=number(int, lo=8), default=512, help="tokens per sequence (oldest prompt tokens cut)")
+    p.add_argument("--lr", type=qwen.number(float, above=0), default=2e-4, help="peak learning rate of LoRA")
+    p.add_argument("--warmup", type=qwen.number(int, lo=0), default=100, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--max-len", type=qwen.number(int, lo=8), default=512, help="tokens per sequence (oldest prompt tokens cut)")
     p.add_argument("--gate-grad", choices=["ste", "measured"], help="measured: each micro-batch reruns --flips "
                    "blocks with their gate flipped, and those routers learn from the measured loss difference "
                    "against --price; ste: the paper's straight-through gradient with the regulariser "
                    "--gate-lambda * mean(sigmoid) (" + per_recipe("gate_grad") + ")")
-    p.add_argument("--router-lr-mult", type=number(float, above=0), help="router learning rate = --lr x this (default: "
+    p.add_argument("--router-lr-mult", type=qwen.number(float, above=0), help="router learning rate = --lr x this (default: "
                    + ", ".join(f"{v['router_lr_mult']:g} with {k}" for k, v in GATE_DEFAULTS.items()) + " gates)")
-    p.add_argument("--flips", type=number(int, lo=1), help="measured: blocks flipped per micro-batch, each a forward pass from "
+    p.add_argument("--flips", type=qwen.number(int, lo=1), help="measured: blocks flipped per micro-batch, each a forward pass from "
                    "that block on without gradient (default: enough to measure each router about 60 times in the "
                    f"run, at least 2 and at most {MAX_DEFAULT_FLIPS})")
-    p.add_argument("--price", type=number(float), default=0.02, help="measured: skip a block where skipping it costs "
+    p.add_argument("--price", type=qwen.number(float), default=0.02, help="measured: skip a block where skipping it costs "
                    "less than this many nats per target token")
-    p.add_argument("--gate-lambda", type=number(float, lo=0), default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
-    p.add_argument("--skip-target", type=number(float, above=0, below=1), help="a share of blocks to skip over training (e.g. 0.25): "
+    p.add_argument("--gate-lambda", type=qwen.number(float, lo=0), default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
+    p.add_argument("--skip-target", type=qwen.number(float, above=0, below=1), help="a share of blocks to skip over training (e.g. 0.25): "
                    "lambda (ste) or the price (measured) then follows dual ascent, the same for every step type, "
                    "so the LM loss alone decides which inputs skip (default: none, a fixed --gate-lambda or --price)")
-    p.add_argument("--lambda-rate", type=number(float, lo=0), default=0.2, help="dual-ascent rate: per step, lambda (or price) *= "
+    p.add_argument("--lambda-rate", type=qwen.number(float, lo=0), default=0.2, help="dual-ascent rate: per step, lambda (or price) *= "
                    "exp(rate * (skip target - skipped share))")
-    p.add_argument("--router-bias", type=number(float), help="initial router bias; weights start at 0, so every input "
+    p.add_argument("--router-bias", type=qwen.number(float), help="initial router bias; weights start at 0, so every input "
                    "gets sigmoid(bias) at step 0 (default: " +
                    ", ".join(f"{v['router_bias']:g} with {k}" for k, v in GATE_DEFAULTS.items()) + " gates)")
     p.add_argument("--router-init", choices=["neutral", "band"], help="neutral: every layer starts at "
@@ -155,23 +126,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["prompt", "reference"], help="router input: input_layernorm(h) over "
                    "the prompt's real tokens (ours), or the reference code's raw h over the whole sequence padded "
                    "to --max-len (" + per_recipe("pooling") + ")")
-    p.add_argument("--tool-fraction", type=number(float, hi=1), default=0.5, help="share of tool_call steps in the training "
+    p.add_argument("--tool-fraction", type=qwen.number(float, hi=1), default=0.5, help="share of tool_call steps in the training "
                    "mix, planning and replies the rest (the paper's is about half); <0: the natural mix")
-    p.add_argument("--lora-rank", type=number(int, lo=1), help="LoRA rank (" + per_recipe("lora_rank") + ")")
-    p.add_argument("--lora-alpha", type=number(float, above=0), help="LoRA alpha, scale = alpha / rank (default: 2 x --lora-rank, "
+    p.add_argument("--lora-rank", type=qwen.number(int, lo=1), help="LoRA rank (" + per_recipe("lora_rank") + ")")
+    p.add_argument("--lora-alpha", type=qwen.number(float, above=0), help="LoRA alpha, scale = alpha / rank (default: 2 x --lora-rank, "
                    "the paper's 16 / 8)")
     p.add_argument("--lora-targets", choices=sorted(lr.LORA_TARGETS), help="attn: q/k/v/o (the paper's); all: "
                    "the MLP's gate/up/down too, so the open blocks can take over a closed one's work ("
                    + per_recipe("lora_targets") + ")")
-    p.add_argument("--lora-dropout", type=number(float, lo=0, below=1), default=0.05, help="dropout on the LoRA input")
-    p.add_argument("--clip", type=number(float, above=0), default=1.0, help="gradient-norm clip")
+    p.add_argument("--lora-dropout", type=qwen.number(float, lo=0, below=1), default=0.05, help="dropout on the LoRA input")
+    p.add_argument("--clip", type=qwen.number(float, above=0), default=1.0, help="gradient-norm clip")
     p.add_argument("--checkpoint-blocks", action="store_true", help="activation checkpointing: each block's "
                    "activations are recomputed in the backward pass instead of kept, for bigger models and "
                    "batches at about a third more compute (default: off)")
     p.add_argument("--check-syncs", action="store_true", help="CUDA: fail on any host synchronisation inside "
                    "a step from step 2 on (torch.cuda.set_sync_debug_mode); log lines and saves may wait")
-    p.add_argument("--log-every", type=number(int, lo=1), default=10, help="steps between log lines")
-    p.add_argument("--save-every", type=number(int, lo=1), default=250, help="steps between checkpoints")
+    p.add_argument("--log-every", type=qwen.number(int, lo=1), default=10, help="steps between log lines")
+    p.add_argument("--save-every", type=qwen.number(int, lo=1), default=250, help="steps between checkpoints")
     return p
 
 

@@ -303,17 +303,8 @@ def _glaive_call(text: str) -> dict:
 
 
 def read_openai(rec: dict):
-    msgs = []
-    for m in _field(rec, "messages", list):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise Skip("unknown message role")
-        content = m.get("content") or ""
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system turn
-        msgs.append({**_msg(role, content, [_call(c) for c in m.get("tool_calls") or []]),
-                     "kind": stated_kind(m, "message")})
-    return msgs, _tools(rec.get("tools") or []), None
+    msgs = [chat_message(m) for m in _field(rec, "messages", list)]
+    return [{**m, "content": m["content"].strip()} for m in msgs], _tools(rec.get("tools") or []), None
 
 
 def read_gsm8k(rec: dict):
@@ -372,6 +363,60 @@ def render_assistant(content: str, calls: list[dict]) -> str:
     return "\n".join([content] * bool(content) + blocks)
 
 
+def render_turn(msgs: list[dict], i: int) -> str:
+    """Message i (not a leading system turn: render_system writes that) as the template writes it."""
+    m = msgs[i]
+    if m["role"] == "tool":  # consecutive tool results share one user turn
+        first = i == 0 or msgs[i - 1]["role"] != "tool"
+        last = i + 1 == len(msgs) or msgs[i + 1]["role"] != "tool"
+        return (("<|im_start|>user" if first else "") + f"\n<tool_response>\n{m['content']}\n</tool_response>"
+                + ("<|im_end|>\n" if last else ""))
+    if m["role"] == "assistant":
+        return f"<|im_start|>assistant\n{render_assistant(m['content'], m['calls'])}<|im_end|>\n"
+    return f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"  # user, or a system turn after the first
+
+
+def render_messages(msgs: list[dict], tools: list[dict], add_generation_prompt: bool = False) -> str:
+    """Messages as the readers give them ({role, content, calls}) -> the model's text."""
+    start = int(bool(msgs) and msgs[0]["role"] == "system")
+    text = render_system(msgs[0]["content"] if start else None, tools)
+    text += "".join(render_turn(msgs, i) for i in range(start, len(msgs)))
+    return text + "<|im_start|>assistant\n" * add_generation_prompt
+
+
+def chat_message(m) -> dict:
+    """One OpenAI chat message -> {role, content, calls, kind}, its text as given."""
+    if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+        raise Skip("unknown message role")
+    content = m.get("content") or ""
+    if isinstance(content, list):  # content parts: keep the text ones
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        raise Skip(f"{m['role']} message content is not text")
+    role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system turn
+    calls = m.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise Skip("tool_calls is not a list")
+    return {"role": role, "content": content, "calls": [_call(c) for c in calls], "kind": stated_kind(m, "message")}
+
+
+def render(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
+    """A conversation in Qwen2.5-Instruct's chat template, as transformers' apply_chat_template writes it.
+
+    messages: OpenAI chat messages (system/developer, user, assistant with optional tool_calls, tool).
+    tools: OpenAI tool definitions ({"type": "function", "function": {...}}) or bare function dicts.
+    add_generation_prompt: end with "<|im_start|>assistant\\n", for the model to write the next turn.
+    A call's arguments sent as a JSON string (as OpenAI clients do) are parsed first: the template
+    and the training data write them as an object. Raises ValueError naming what is malformed.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    try:
+        return render_messages([chat_message(m) for m in messages], _tools(tools or []), add_generation_prompt)
+    except Skip as e:
+        raise ValueError(str(e)) from None
+
+
 def stated_kind(rec: dict, where: str = "record") -> str | None:
     """A record's (or message's) own step type, `"step_type": "planning"`: a user's data says what its
     steps are, instead of the source deciding."""
@@ -383,22 +428,19 @@ def stated_kind(rec: dict, where: str = "record") -> str | None:
 
 def to_steps(source: str, rid: str, split: str, msgs: list[dict], tools: list[dict],
              final: str | None, stated: str | None = None) -> list[Step]:
-    """One step per assistant turn. Its type: the message's step_type if it states one; else tool_call for a
-    turn with calls; else the record's step_type (planning or reply) if it states one; else planning for a
-    reasoning source, reply otherwise."""
-    has_system = bool(msgs) and msgs[0]["role"] == "system"
-    system = msgs[0]["content"] or None if has_system else None  # empty -> Qwen's default
-    turns = msgs[1:] if has_system else msgs
-    if not any(m["role"] == "assistant" for m in turns):
+    """One step per assistant turn: prompt = render_messages(msgs before it, add_generation_prompt),
+    target = its body + <|im_end|>. Its type: the message's step_type if it states one; else tool_call
+    for a turn with calls; else the record's step_type (planning or reply) if it states one; else
+    planning for a reasoning source, reply otherwise."""
+    if msgs and msgs[0]["role"] == "system" and not msgs[0]["content"]:
+        msgs = msgs[1:]  # an empty system prompt -> Qwen's default
+    start = int(bool(msgs) and msgs[0]["role"] == "system")
+    if not any(m["role"] == "assistant" for m in msgs[start:]):
         raise Skip("no assistant turn")
-    text, steps = render_system(system, tools), []
-    for i, m in enumerate(turns):
-        if m["role"] == "tool":  # consecutive tool results share one user turn
-            first = i == 0 or turns[i - 1]["role"] != "tool"
-            last = i + 1 == len(turns) or turns[i + 1]["role"] != "tool"
-            text += ("<|im_start|>user" if first else "") + \
-                f"\n<tool_response>\n{m['content']}\n</tool_response>" + ("<|im_end|>\n" if last else "")
-        elif m["role"] == "assistant":
+    text, steps = render_system(msgs[0]["content"] if start else None, tools), []
+    for i in range(start, len(msgs)):
+        m = msgs[i]
+        if m["role"] == "assistant":
             body = render_assistant(m["content"], m["calls"])
             if not body:
                 raise Skip("empty assistant turn")
@@ -407,12 +449,9 @@ def to_steps(source: str, rid: str, split: str, msgs: list[dict], tools: list[di
             if (kind == "tool_call") != bool(m["calls"]):
                 raise Skip("step_type tool_call needs tool calls, and only it may have them")
             answer = m["calls"] if m["calls"] else final if kind == "planning" else None
-            prompt = text + "<|im_start|>assistant\n"
-            steps.append(Step(f"{source}:{rid}:{len(steps)}", source, kind, split, prompt,
-                              body + "<|im_end|>", answer))
-            text = prompt + body + "<|im_end|>\n"
-        else:  # user, or a system turn after the first
-            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+            steps.append(Step(f"{source}:{rid}:{len(steps)}", source, kind, split,
+                              text + "<|im_start|>assistant\n", body + "<|im_end|>", answer))
+        text += render_turn(msgs, i)
     return steps
 
 

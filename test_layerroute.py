@@ -13,6 +13,8 @@ import signal
 import socket
 import struct
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -839,6 +841,111 @@ def test_data_hermes_rendering_exact(tmp_path):
     assert (reply.target, reply.kind, reply.answer) == ("It is 21 degrees.<|im_end|>", "reply", None)
     assert text.prompt == QWEN_DEFAULT + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert summary["sources"]["hermes"]["skipped"] == {"tool call is neither JSON nor a Python literal": 1}
+
+
+# Qwen/Qwen2.5-0.5B-Instruct's chat_template (tokenizer_config.json), verbatim: the reference that
+# data.render is held to, through transformers' own apply_chat_template.
+QWEN25_CHAT_TEMPLATE = '{%- if tools %}\n    {{- \'<|im_start|>system\\n\' }}\n    {%- if messages[0][\'role\'] == \'system\' %}\n        {{- messages[0][\'content\'] }}\n    {%- else %}\n        {{- \'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\' }}\n    {%- endif %}\n    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n    {%- for tool in tools %}\n        {{- "\\n" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n{%- else %}\n    {%- if messages[0][\'role\'] == \'system\' %}\n        {{- \'<|im_start|>system\\n\' + messages[0][\'content\'] + \'<|im_end|>\\n\' }}\n    {%- else %}\n        {{- \'<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n\' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}\n        {{- \'<|im_start|>\' + message.role + \'\\n\' + message.content + \'<|im_end|>\' + \'\\n\' }}\n    {%- elif message.role == "assistant" %}\n        {{- \'<|im_start|>\' + message.role }}\n        {%- if message.content %}\n            {{- \'\\n\' + message.content }}\n        {%- endif %}\n        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n            {{- \'\\n<tool_call>\\n{"name": "\' }}\n            {{- tool_call.name }}\n            {{- \'", "arguments": \' }}\n            {{- tool_call.arguments | tojson }}\n            {{- \'}\\n</tool_call>\' }}\n        {%- endfor %}\n        {{- \'<|im_end|>\\n\' }}\n    {%- elif message.role == "tool" %}\n        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n            {{- \'<|im_start|>user\' }}\n        {%- endif %}\n        {{- \'\\n<tool_response>\\n\' }}\n        {{- message.content }}\n        {{- \'\\n</tool_response>\' }}\n        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n            {{- \'<|im_end|>\\n\' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- \'<|im_start|>assistant\\n\' }}\n{%- endif %}\n'
+
+
+def qwen25_chat():
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), chat_template=QWEN25_CHAT_TEMPLATE)
+
+
+def as_openai(msgs: list[dict]) -> list[dict]:
+    """Reader messages ({role, content, calls}) in OpenAI's shape, arguments as objects (the template's input)."""
+    return [{"role": m["role"], "content": m["content"]} | ({"tool_calls": [
+        {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m["calls"]]}
+        if m["calls"] else {}) for m in msgs]
+
+
+def check_render_against_template(hf, msgs: list[dict], tools: list[dict]) -> int:
+    """Every step's prompt, and the whole conversation, equal apply_chat_template; returns steps checked."""
+    if msgs and msgs[0]["role"] == "system" and not msgs[0]["content"]:
+        msgs = msgs[1:]  # what to_steps does: an empty system prompt gets Qwen's default
+    wrapped = [{"type": "function", "function": t} for t in tools] or None
+    steps = data.to_steps("x", "r", "train", msgs, tools, None)
+    ends = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    for step, i in zip(steps, ends, strict=True):
+        want = hf.apply_chat_template(as_openai(msgs[:i]), tools=wrapped, tokenize=False, add_generation_prompt=True)
+        assert step.prompt == want
+        assert data.render(as_openai(msgs[:i]), wrapped, add_generation_prompt=True) == want
+    full = hf.apply_chat_template(as_openai(msgs), tools=wrapped, tokenize=False)
+    assert data.render(as_openai(msgs), tools) == full
+    if ends[-1] == len(msgs) - 1:
+        assert steps[-1].prompt + steps[-1].target + "\n" == full
+    return len(steps)
+
+
+def test_render_equals_transformers_chat_template_on_a_tools_conversation():
+    hf = qwen25_chat()
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather, °C",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    convo = [{"role": "system", "content": "You plan trips."},
+             {"role": "user", "content": "Weather and time in Zürich? "},
+             {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                 {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}},
+                 {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+             {"role": "tool", "tool_call_id": "a", "content": "{\"temp\": 21}"},
+             {"role": "tool", "tool_call_id": "b", "content": "10:00"},
+             {"role": "assistant", "content": "21 degrees at 10:00."},
+             {"role": "user", "content": "And tomorrow?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "day": 1}}}]},
+             {"role": "tool", "content": "{\"temp\": 18}"}]
+    for upto in range(1, len(convo) + 1):
+        for tools_given in (tools, None):
+            for gen in (False, True):
+                for head in (0, 1):  # with the system turn, and with Qwen's default in its place
+                    msgs = convo[head:upto]
+                    if not msgs:
+                        continue
+                    want = hf.apply_chat_template(msgs, tools=tools_given, tokenize=False, add_generation_prompt=gen)
+                    assert data.render(msgs, tools_given, add_generation_prompt=gen) == want
+    # what OpenAI clients send: arguments as a JSON string, the developer role, content parts
+    sent = [{"role": "developer", "content": "You plan trips."},
+            {"role": "user", "content": [{"type": "text", "text": "Weather and time in Zürich? "}]},
+            {**convo[2], "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                         "arguments": "{\"city\": \"Zürich\"}"}}, convo[2]["tool_calls"][1]]}]
+    assert data.render(sent, tools, True) == hf.apply_chat_template(convo[:3], tools=tools, tokenize=False,
+                                                                    add_generation_prompt=True)
+    bare = [t["function"] for t in tools]  # bare function dicts are wrapped as the template expects
+    assert data.render(convo[:2], bare) == data.render(convo[:2], tools)
+    for bad, why in [([], "non-empty list"), ([{"role": "robot", "content": "x"}], "unknown message role"),
+                     ([{"role": "user", "content": 3}], "not text"),
+                     ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}],
+                      "arguments")]:
+        with pytest.raises(ValueError, match=why):
+            data.render(bad)
+
+
+def test_render_equals_transformers_chat_template_on_the_fixture_sources(tmp_path):
+    hf, checked = qwen25_chat(), 0
+    for reader, records in [(data.read_hermes, HERMES[:1] + HERMES[2:]), (data.read_glaive, GLAIVE[:2]),
+                            (data.read_sharegpt, SHAREGPT), (data.read_openai, [OPENAI])]:
+        for rec in records:
+            msgs, tools, _ = reader(rec)
+            checked += check_render_against_template(hf, msgs, tools)
+    assert checked == 10
+
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "bfcl-live").is_dir(), reason="the real data copies are not beside the repository")
+def test_render_equals_transformers_chat_template_on_real_glaive_and_bfcl_live():
+    hf, checked = qwen25_chat(), Counter()
+    for reader, path in [(data.read_sharegpt, SHARED_DATA / "glaive-sharegpt" / "glaive_toolcall_en_demo.json"),
+                         (data.read_openai, SHARED_DATA / "bfcl-live" / "live_tool_calls.jsonl")]:
+        for rec in data.read_records(path):
+            try:
+                msgs, tools, _ = reader(rec)
+                checked[path.name] += check_render_against_template(hf, msgs, tools)
+            except data.Skip:
+                checked["skipped"] += 1
+    assert checked["live_tool_calls.jsonl"] == 1311 and checked["glaive_toolcall_en_demo.json"] > 500, checked
 
 
 def test_data_glaive_sharegpt_openai_calls_exact(tmp_path):

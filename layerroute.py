@@ -168,7 +168,7 @@ class LayerRoute(nn.Module):
 
     def forward(self, ids: torch.Tensor, prompt_lens: torch.Tensor | None = None,
                 cache: RoutedCache | None = None, logits_at: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab); the routing decision lands in last_scores/last_gates.
 
         prompt_lens (B,): prompt tokens per row (teacher forcing). Without it the whole input is
@@ -176,6 +176,7 @@ class LayerRoute(nn.Module):
         logits_at (B, T) bool: the LM head runs at those positions only, giving (N, vocab) in
         row-major order. Training scores targets only, and the head is the biggest single matmul.
         return_hidden: the last block's output h (B, T, d) instead of logits (for target_loss).
+        last_only: logits (B, 1, vocab) of the last position, all a generation step needs.
         """
         B, T = ids.shape
         base, cfg = self.base, self.base.cfg
@@ -215,6 +216,8 @@ class LayerRoute(nn.Module):
             return h
         if logits_at is not None:
             h = h[logits_at]
+        elif last_only:
+            h = h[:, -1:]
         return base.lm_head(base.norm(h))
 
     def train_forward(self, ids: torch.Tensor, prompt_lens: torch.Tensor, target_idx: torch.Tensor,

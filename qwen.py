@@ -22,6 +22,7 @@ import operator
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,7 @@ class QwenConfig:
     head_dim: int = 0  # 0 = hidden_size // num_attention_heads, as Qwen2 defines it
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    max_position_embeddings: int = 32768  # the context it was trained for: chat.py refuses a longer request
     # The family flags, read by the shared modules; the defaults are Qwen2's.
     qkv_bias: bool = True  # biases on q, k and v (Qwen2 always; Qwen3 and Llama when attention_bias)
     o_bias: bool = False  # a bias on o (Qwen3 and Llama when attention_bias)
@@ -140,6 +142,8 @@ class QwenConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
+        if not is_int(self.max_position_embeddings) or self.max_position_embeddings < 1:
+            raise ValueError(f"max_position_embeddings={self.max_position_embeddings!r}: expected a whole number >= 1")
         for name in ("rms_norm_eps", "rope_theta"):
             if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
@@ -411,14 +415,16 @@ class Qwen2(nn.Module):
         return [KVCache(rows, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
                         device or p.device, dtype or p.dtype) for _ in self.layers]
 
-    def forward(self, ids: torch.Tensor, cache: list[KVCache | None] | None = None) -> torch.Tensor:
-        """ids (B, T) -> logits (B, T, vocab). With a cache, positions continue after its length."""
+    def forward(self, ids: torch.Tensor, cache: list[KVCache | None] | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, vocab). With a cache, positions continue after its length.
+        last_only: logits (B, 1, vocab) of the last position, all a generation step needs."""
         h = self.embed_tokens(ids)  # (B, T, d)
         start = 0 if cache is None else cache[0].len
         cos, sin = self.rope(start, ids.shape[1], ids.device, h.dtype)
         for i, block in enumerate(self.layers):
             h = block(h, cos, sin, None if cache is None else cache[i])
-        return self.lm_head(self.norm(h))
+        return self.lm_head(self.norm(h[:, -1:] if last_only else h))
 
 
 def forward_flops(cfg: QwenConfig, context: int) -> tuple[float, float]:
@@ -718,26 +724,33 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0) -
 
 
 @torch.no_grad()
-def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, stop: set[int] = frozenset(),
-             temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
-    """Continue equal-length prompts ids (B, T) with the KV cache; a row ends at its first stop token.
+def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0) -> Iterator[torch.Tensor]:
+    """Yield the next ids (B,) of prompts ids (B, T), one step at a time, with the KV cache.
 
     `model` is anything with `new_cache(B, max_len)` and `forward(ids, cache=...)`: this Qwen2,
     or layerroute.LayerRoute, whose cache also carries the gates decided at prefill.
     """
-    B = ids.shape[0]
-    cache = model.new_cache(B, ids.shape[1] + max_new_tokens)
-    logits = model(ids, cache=cache)[:, -1]  # prefill
-    out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool)
-    for _ in range(max_new_tokens):
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    logits = model(ids, cache=cache, last_only=True)[:, -1]  # prefill
+    for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p)
+        yield nxt
+        if step + 1 < max_new_tokens:
+            logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
+
+
+def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, stop: set[int] = frozenset(),
+             temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+    """Continue equal-length prompts ids (B, T) (see decode); a row ends at its first stop token."""
+    out, done = [[] for _ in range(ids.shape[0])], [False] * ids.shape[0]
+    for nxt in decode(model, ids, max_new_tokens, temperature, top_p):
         for b, t in enumerate(nxt.tolist()):
             if not done[b]:
                 out[b].append(t)
                 done[b] = t in stop
-        if done.all():
+        if all(done):
             break
-        logits = model(nxt[:, None], cache=cache)[:, -1]
     return out
 
 

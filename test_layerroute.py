@@ -2500,3 +2500,242 @@ def test_cli_errors_are_one_line_naming_the_input(tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith(f"eval.py: error: {tmp_path / 'run' / 'run.json'}: "
                                                           "not valid JSON (line 1, column 2")
 
+
+
+# ---- chat ----
+
+import chat  # noqa: E402
+
+TIME_TOOLS = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+ASK = [{"role": "user", "content": "Time in Oslo?"}]
+CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_0", "type": "function", "function": {"name": "get_time", "arguments": "{\"city\": \"Oslo\"}"}}]}
+ANSWERED = ASK + [CALL, {"role": "tool", "tool_call_id": "call_0", "content": "10:00"}]
+CALL_TEXT = '<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>'
+REPLY_TEXT = "It is 10:00 in Oslo."
+
+
+def memorise(model, tok, examples: list[tuple[list[dict], str]], steps: int = 400):
+    """Train every weight but the routers until greedy decoding gives each conversation's turn exactly:
+    a tiny model that really calls a tool, routed as it will be served."""
+    for p in model.base.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("routers.")], lr=3e-3)
+    rows = [(tok.encode(data.render(m, TIME_TOOLS, True), add_special_tokens=False).ids,
+             tok.encode(t + "<|im_end|>", add_special_tokens=False).ids) for m, t in examples]
+    model.train()
+    for _ in range(steps):
+        loss = sum(torch.nn.functional.cross_entropy(model(torch.tensor([p + t]))[0, len(p) - 1:-1], torch.tensor(t))
+                   for p, t in rows)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.02:
+            break
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny routed model that calls get_time and answers from its result (block 1 of 4 closed), exported
+    merged (the folder chat.py serves), and a server on a free port of 127.0.0.1 in this process."""
+    import threading
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("chat")
+    write_checkpoint(root / "model", layers=4, max_position_embeddings=1024)
+    tok = write_tiny_tokenizer(root / "model")
+    tok.add_tokens([data.DEFAULT_SYSTEM, data.TOOLS_HEAD, data.TOOLS_TAIL])  # shorter rows, quicker to learn
+    tok.save(str(root / "model" / "tokenizer.json"))
+    model = lr.LayerRoute(qwen.load_model(str(root / "model")), rank=4, alpha=8.0, dropout=0.0)
+    set_routers(model, [5.0, -5.0, 5.0, 5.0])
+    torch.manual_seed(0)
+    memorise(model, tok, [(ASK, CALL_TEXT), (ANSWERED, REPLY_TEXT)])
+    lr.export_merged(model, str(root / "model"), str(root / "merged"))
+    model, tok = chat.load(str(root / "merged"))
+    server = chat.Server(("127.0.0.1", 0), model, tok, "tiny", max_tokens=64, max_body=64 << 10, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"root": root, "model": model, "tok": tok, "url": f"http://127.0.0.1:{server.server_address[1]}/v1"}
+    server.shutdown()
+    server.server_close()
+    torch.set_num_threads(n)
+
+
+def client(served):
+    import openai
+    return openai.OpenAI(base_url=served["url"], api_key="unused", max_retries=0, timeout=60)
+
+
+def test_chat_complete_calls_the_tool_then_answers_from_its_result(served):
+    model, tok = served["model"], served["tok"]
+    call = chat.complete(model, tok, ASK, TIME_TOOLS, max_tokens=60)
+    assert (call.content, call.tool_calls, call.finish_reason) == (None, [{"name": "get_time", "arguments": {"city": "Oslo"}}],
+                                                                    "tool_calls")
+    assert call.routing["skipped"] == [1] and call.routing["blocks"] == 4 and call.routing["blocks_skipped_pct"] == 25.0
+    assert 0 < call.routing["flops_skipped_pct"] < 25.0  # the LM head is never skipped
+    assert call.prompt_tokens == len(tok.encode(data.render(ASK, TIME_TOOLS, True), add_special_tokens=False).ids)
+    reply = chat.complete(model, tok, ANSWERED, TIME_TOOLS, max_tokens=60)
+    assert (reply.content, reply.tool_calls, reply.finish_reason) == (REPLY_TEXT, [], "stop")
+    assert reply.completion_tokens == len(REPLY_TEXT) + 1  # a byte a token, and <|im_end|>
+    pieces = list(chat.stream(model, tok, ANSWERED, TIME_TOOLS, max_tokens=60))
+    assert "".join(pieces[:-1]) == REPLY_TEXT and len(pieces) > 3  # it streams, and the pieces add up
+    assert chat.complete(model, tok, ANSWERED, TIME_TOOLS, max_tokens=5).finish_reason == "length"
+    stopped = chat.complete(model, tok, ANSWERED, TIME_TOOLS, max_tokens=60, stop=(" in",))
+    assert (stopped.content, stopped.finish_reason) == ("It is 10:00", "stop")
+    as_text = chat.complete(model, tok, ASK, TIME_TOOLS, max_tokens=60, parse_tools=False)
+    assert as_text.content == CALL_TEXT and as_text.tool_calls == []
+    with chat.every_block(model):
+        assert chat.complete(model, tok, ASK, TIME_TOOLS, max_tokens=8).routing["skipped"] == []
+    with pytest.raises(ValueError, match="exceed the model's context of 1024 tokens"):
+        chat.complete(model, tok, ASK, TIME_TOOLS, max_tokens=1000)
+
+
+def test_chat_held_back_text_never_streams_a_stop_or_a_call():
+    assert chat.held_from("It is 10", ("<tool_call>",)) == 8
+    assert chat.held_from("Sure <tool_", ("<tool_call>",)) == 4  # and the space before it
+    assert chat.held_from("Sure.\n", ("<tool_call>",)) == 5
+    assert chat.held_from("caf\ufffd", ("END",)) == 3
+    assert chat.held_from("ab EN", ("END",)) == 2
+
+
+def test_chat_cli_from_a_merged_export_a_run_and_a_bare_checkpoint(served, tmp_path, capsys, monkeypatch):
+    import io
+    root = served["root"]
+    (tmp_path / "ask.json").write_text(json.dumps({"messages": ASK, "tools": TIME_TOOLS}))
+    chat.main(["--run", str(root / "merged"), str(tmp_path / "ask.json"), "--max-tokens", "60"])
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"content": None, "tool_calls": [{"name": "get_time", "arguments": {"city": "Oslo"}}],
+                               "finish_reason": "tool_calls"}
+    assert "skipped 1 of 4 blocks (1) at threshold 0.5" in err and "ms/token with every block on" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(ANSWERED)))  # a bare list, tools left out
+    chat.main(["--run", str(root / "merged"), "--max-tokens", "3", "--threshold", "0.0"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["finish_reason"] == "length" and "skipped 0 of 4 blocks (none) at threshold 0" in err
+    chat.main(["--model", str(root / "model"), str(tmp_path / "ask.json"), "--max-tokens", "3"])
+    assert "every block runs (no routers)" in capsys.readouterr().err
+    train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))  # its context: 512
+    (tmp_path / "hi.json").write_text(json.dumps([{"role": "user", "content": "hi"}]))
+    chat.main(["--run", str(tmp_path / "run"), str(tmp_path / "hi.json"), "--max-tokens", "3"])
+    assert json.loads(capsys.readouterr().out)["finish_reason"] in ("length", "stop")
+    with pytest.raises(ValueError, match="the prompt's 514 tokens exceed the model's context of 512"):
+        chat.main(["--run", str(tmp_path / "run"), str(tmp_path / "ask.json"), "--max-tokens", "3"])
+    (tmp_path / "bad.json").write_text("{\"messages\": [")
+    with pytest.raises(ValueError, match="bad.json: not JSON"):
+        chat.main(["--run", str(root / "merged"), str(tmp_path / "bad.json")])
+    (tmp_path / "bad.json").write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}))
+    with pytest.raises(ValueError, match="unknown message role"):
+        chat.main(["--run", str(root / "merged"), str(tmp_path / "bad.json")])
+
+
+def test_endpoint_tool_call_round_trip_with_the_openai_client(served):
+    c = client(served)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    first = c.chat.completions.create(model="tiny", messages=ASK, tools=TIME_TOOLS, temperature=0)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (called,) = choice.message.tool_calls
+    assert called.function.name == "get_time" and json.loads(called.function.arguments) == {"city": "Oslo"}
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    assert first.routing["skipped"] == [1] and first.routing["flops_skipped_pct"] > 0
+    # the client sends back its own assistant message, then the tool's result
+    follow = ASK + [choice.message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": called.id, "content": "10:00"}]
+    second = c.chat.completions.create(model="tiny", messages=follow, tools=TIME_TOOLS, temperature=0)
+    assert (second.choices[0].message.content, second.choices[0].finish_reason) == (REPLY_TEXT, "stop")
+    assert second.choices[0].message.tool_calls is None
+
+
+def test_endpoint_streams_text_and_calls(served):
+    c = client(served)
+    chunks = list(c.chat.completions.create(model="tiny", messages=ANSWERED, tools=TIME_TOOLS, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == REPLY_TEXT and sum(bool(ch.choices and ch.choices[0].delta.content) for ch in chunks) > 3
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage.completion_tokens == len(REPLY_TEXT) + 1 and not chunks[-1].choices
+    calls = [tc for ch in c.chat.completions.create(model="tiny", messages=ASK, tools=TIME_TOOLS, temperature=0,
+                                                    stream=True) if ch.choices
+             for tc in ch.choices[0].delta.tool_calls or []]
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [("get_time", {"city": "Oslo"})]
+
+
+def test_endpoint_answers_bad_requests_with_json_errors_and_keeps_serving(served):
+    import http.client
+    import openai
+    c = client(served)
+    for kwargs, kind, says in [
+            ({"model": "nope"}, openai.NotFoundError, "'nope' does not exist"),
+            ({"messages": []}, openai.BadRequestError, "'messages' must be a non-empty list"),
+            ({"max_tokens": 5000}, openai.BadRequestError, "exceed the model's context of 1024"),
+            ({"temperature": "hot"}, openai.BadRequestError, "'temperature' must be a number from 0 to 2"),
+            ({"messages": [{"role": "robot", "content": "x"}]}, openai.BadRequestError, "unknown message role"),
+            ({"n": 2}, openai.BadRequestError, "'n' is not supported"),
+            ({"tool_choice": "required"}, openai.BadRequestError, "tool_choice")]:
+        with pytest.raises(kind, match=says):
+            c.chat.completions.create(**{"model": "tiny", "messages": ASK, **kwargs})
+    host, port = served["url"].split("//")[1].split("/")[0].split(":")
+
+    def raw(method, path, body=b"", headers=None):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(method, path, body, headers or {})
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read())["error"]["message"]
+        conn.close()
+        return out
+
+    assert raw("POST", "/v1/chat/completions", b"{\"model\": ")[0] == 400
+    assert raw("POST", "/v1/chat/completions", b"[1, 2]") == (400, "the body must be a JSON object")
+    status, says = raw("POST", "/v1/chat/completions", b"x" * (65 << 10))
+    assert status == 413 and "over this server's limit of 65,536" in says
+    assert raw("GET", "/v1/nothing")[0] == 404 and raw("POST", "/v1/completions", b"{}")[0] == 404
+    ok = c.chat.completions.create(model="tiny", messages=ANSWERED, tools=TIME_TOOLS, temperature=0)
+    assert ok.choices[0].message.content == REPLY_TEXT
+
+
+def test_endpoint_16_concurrent_clients_each_get_their_own_answer(served):
+    from concurrent.futures import ThreadPoolExecutor
+    asks = [[{"role": "user", "content": f"Time in city {i}?"}] for i in range(16)]
+    want = [chat.complete(served["model"], served["tok"], a, TIME_TOOLS, max_tokens=4 + i) for i, a in enumerate(asks)]
+
+    def ask(i):
+        r = client(served).chat.completions.create(model="tiny", messages=asks[i], tools=TIME_TOOLS, temperature=0,
+                                                   max_tokens=4 + i)
+        return r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, range(16)))
+    assert got == [(w.content, w.prompt_tokens, w.completion_tokens) for w in want]
+    assert len({g[2] for g in got}) > 8  # replies of many lengths: a mix-up would show
+
+
+def test_endpoint_process_stops_cleanly_on_sigterm(served):
+    import subprocess
+    import sys
+    import openai
+    proc = subprocess.Popen([sys.executable, "chat.py", "--run", str(served["root"] / "merged"), "--serve",
+                             "--port", "0", "--name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving tiny at http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        assert c.chat.completions.create(model="tiny", messages=ANSWERED, tools=TIME_TOOLS,
+                                         temperature=0).choices[0].message.content == REPLY_TEXT
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert rc == 0 and "Traceback" not in err and err.strip().endswith("stopped"), err
+
+
+def test_readme_python_example_runs_as_written(served, capsys):
+    (code,) = re.findall(r"```python\n(.*?)```", (Path(__file__).parent / "README.md").read_text(), re.S)
+    assert code.count('"runs/layerroute"') == 1
+    exec(compile(code.replace('"runs/layerroute"', repr(str(served["root"] / "merged"))), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.count("<|im_start|>") == 3 and "get_weather" in out and "tensor([[1., 0., 1., 1.]])" in out
+    assert re.search(r"\n\[1\] \d+\.\d% of the FLOPs skipped\n", out)

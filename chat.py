@@ -360,7 +360,7 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             self.send_error_json(e)
         except ValueError as e:  # a malformed message, or a reply that cannot fit the context
-            self.send_error_json(RequestError(400, str(e), "messages"))
+            self.send_error_json(RequestError(400, str(e)))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left; the next request may use the model
         except Exception as e:  # noqa: BLE001 (one bad request must not end the server)

@@ -945,7 +945,7 @@ def test_render_equals_transformers_chat_template_on_real_glaive_and_bfcl_live()
                 checked[path.name] += check_render_against_template(hf, msgs, tools)
             except data.Skip:
                 checked["skipped"] += 1
-    assert checked["live_tool_calls.jsonl"] == 1311 and checked["glaive_toolcall_en_demo.json"] > 500, checked
+    assert checked == {"live_tool_calls.jsonl": 1311, "glaive_toolcall_en_demo.json": 957}  # every step of both
 
 
 def test_data_glaive_sharegpt_openai_calls_exact(tmp_path):

@@ -73,13 +73,17 @@ def config_of(model) -> qwen.QwenConfig:
     return model.base.cfg if isinstance(model, lr.LayerRoute) else model.cfg
 
 
-def encode_prompt(tok, messages: list[dict], tools: list[dict] | None, context: int, max_tokens: int) -> list[int]:
-    """The conversation's ids, ending with the assistant's turn opener; refused if the reply cannot fit."""
+def encode_prompt(tok, messages: list[dict], tools: list[dict] | None, context: int, max_tokens: int,
+                  fit: bool = False) -> tuple[list[int], int]:
+    """(the conversation's ids, ending with the assistant's turn opener; the tokens the reply may take).
+    A reply that cannot fit the context is refused, or with fit, shortened to what fits."""
     ids = tok.encode(data.render(messages, tools, add_generation_prompt=True), add_special_tokens=False).ids
+    if fit and len(ids) < context:
+        max_tokens = min(max_tokens, context - len(ids))
     if len(ids) + max_tokens > context:
         raise ValueError(f"max_tokens {max_tokens} plus the prompt's {len(ids)} tokens exceed the model's "
                          f"context of {context} tokens")
-    return ids
+    return ids, max_tokens
 
 
 def timed(it: Iterator) -> Iterator[tuple[object, float]]:
@@ -138,21 +142,22 @@ def split_calls(text: str, parse: bool) -> tuple[str | None, list[dict]]:
 
 def stream(model, tok, messages: list[dict], tools: list[dict] | None = None, max_tokens: int = 256,
            temperature: float = 0.0, top_p: float = 1.0, stop: tuple[str, ...] = (),
-           parse_tools: bool = True) -> Iterator[str | Reply]:
+           parse_tools: bool = True, fit: bool = False) -> Iterator[str | Reply]:
     """Generate the assistant's turn: yield its text as it comes (str pieces), then the Reply.
 
     Text that may start a stop string or a tool call is held back until that is decided; from the
     first <tool_call> on nothing more streams: the calls come whole, parsed, in the Reply. A stop
-    string ends the reply and is not part of it. parse_tools=False returns every call as text.
+    string ends the reply and is not part of it. parse_tools=False returns every call as text; fit
+    shortens max_tokens to what the context leaves (else a reply that may not fit is refused).
     """
     cfg = config_of(model)
-    prompt = encode_prompt(tok, messages, tools, cfg.max_position_embeddings, max_tokens)
+    prompt, max_tokens = encode_prompt(tok, messages, tools, cfg.max_position_embeddings, max_tokens, fit)
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
     stop = tuple(s for s in stop if s)
     ends, markers = qwen.stop_ids(cfg, tok), stop + (CALL_OPEN,)
     out, text, shown, finish, seconds = [], "", 0, "length", []
-    for t, s in timed(qwen.decode(model, ids, max_tokens, temperature, top_p)):
-        seconds.append(s)
+    for t, took in timed(qwen.decode(model, ids, max_tokens, temperature, top_p)):
+        seconds.append(took)
         if t in ends:
             finish = "stop"
             break
@@ -199,7 +204,7 @@ def every_block(model):
 def ms_per_token_every_block(model, tok, messages, tools, new: int) -> float:
     """Decode `new` tokens of the same prompt with every block on, no stop: the full model's ms/token."""
     cfg = config_of(model)
-    prompt = encode_prompt(tok, messages, tools, cfg.max_position_embeddings, new)
+    prompt, new = encode_prompt(tok, messages, tools, cfg.max_position_embeddings, new)
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
     with every_block(model):
         seconds = [s for _, s in timed(qwen.decode(model, ids, new))]
@@ -251,9 +256,9 @@ def parse_request(req, name: str, max_tokens: int) -> dict:
     stop = field(req, "stop", (str, list), default=[], rule="a string or a list of up to 4 strings",
                  check=lambda v: isinstance(v, str) or (len(v) <= 4 and all(isinstance(s, str) and s for s in v)))
     limit = field(req, "max_completion_tokens", (int,), check=lambda v: v >= 1, rule="an integer >= 1")
-    limit = field(req, "max_tokens", (int,), default=limit or max_tokens, check=lambda v: v >= 1,
-                  rule="an integer >= 1")
-    options = {"messages": messages, "tools": tools if choice == "auto" else None, "max_tokens": limit,
+    limit = field(req, "max_tokens", (int,), default=limit, check=lambda v: v >= 1, rule="an integer >= 1")
+    options = {"messages": messages, "tools": tools if choice == "auto" else None,
+               "max_tokens": limit or max_tokens, "fit": limit is None,  # no limit asked: what fits
                "temperature": field(req, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
                "top_p": field(req, "top_p", (int, float), 1.0, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
                "stop": (stop,) if isinstance(stop, str) else tuple(stop), "parse_tools": choice == "auto"}

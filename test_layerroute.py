@@ -2689,6 +2689,9 @@ def test_endpoint_answers_bad_requests_with_json_errors_and_keeps_serving(served
     status, says = raw("POST", "/v1/chat/completions", b"x" * (65 << 10))
     assert status == 413 and "over this server's limit of 65,536" in says
     assert raw("GET", "/v1/nothing")[0] == 404 and raw("POST", "/v1/completions", b"{}")[0] == 404
+    long = [{"role": "user", "content": "x" * 720}]  # leaves under the server's default 64 tokens
+    fits = c.chat.completions.create(model="tiny", messages=long, tools=TIME_TOOLS, temperature=0)
+    assert fits.usage.total_tokens <= 1024 and fits.usage.completion_tokens < 64  # no max_tokens: what fits
     ok = c.chat.completions.create(model="tiny", messages=ANSWERED, tools=TIME_TOOLS, temperature=0)
     assert ok.choices[0].message.content == REPLY_TEXT
 

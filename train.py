@@ -99,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default: 16 with --fast, 1 without)")
     p.add_argument("--lr", type=qwen.number(float, above=0), default=2e-4, help="peak learning rate of LoRA")
     p.add_argument("--warmup", type=qwen.number(int, lo=0), default=100, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--max-len", type=qwen.number(int, lo=8), default=512, help="tokens per sequence (oldest prompt tokens cut)")
+    p.add_argument("--max-len", type=qwen.number(int, lo=8), default=512, help="tokens per sequence: a longer "
+                   "planning or reply step loses its oldest prompt tokens, a longer tool call is dropped and counted")
     p.add_argument("--gate-grad", choices=["ste", "measured"], help="measured: each micro-batch reruns --flips "
                    "blocks with their gate flipped, and those routers learn from the measured loss difference "
                    "against --price; ste: the paper's straight-through gradient with the regulariser "
@@ -202,6 +203,8 @@ def training_batches(args, model, start: int):
         return synthetic_batches(args, model.base.cfg.vocab_size, start)
     tok = qwen.load_tokenizer(args.model)
     steps, summary = data.load_steps(args.data_dir)
+    steps, dropped = data.fitting(steps, tok, args.max_len)
+    summary["too_long"] = {"max_len": args.max_len, "dropped": dropped}
     print(data.skip_report(summary), file=sys.stderr)
     data.require_kinds(steps, ("tool_call", "planning"), "train", args.data_dir or "the downloaded data", summary)
     train = [s for s in steps if s.split == "train"]

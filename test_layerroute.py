@@ -4,6 +4,7 @@ The decoder is compared with transformers' Qwen2ForCausalLM on tiny random check
 here in the official layout; data fixtures are written here in each source's native format.
 Nothing is downloaded. Run: python -m pytest -q test_layerroute.py
 """
+import contextlib
 import inspect
 import json
 import math
@@ -1540,6 +1541,65 @@ def test_layerroute_flip_losses_equal_a_rerun_with_that_gate_flipped(tmp_path):
             assert got[b].item() == pytest.approx(expected.item(), rel=1e-5), (k, b)
 
 
+def margins_by_hand(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Target logit minus the best other one, from a sort: the lead of a right argmax, else the gap to it."""
+    top = logits.sort(1, descending=True).values
+    own = logits[torch.arange(len(targets)), targets]
+    return torch.where(logits.argmax(1) == targets, top[:, 0] - top[:, 1], own - top[:, 0])
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.5])
+def test_layerroute_argmax_cost_counts_the_argmaxes_a_skip_breaks(tmp_path, margin):
+    base, model = tiny_routed(tmp_path, dropout=0.0)  # LoRA B = 0: the routed model is base with blocks dropped
+    set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)  # rows get different gates
+    torch.manual_seed(0)
+    ids, prompt_lens = torch.randint(3, 300, (3, 10)), torch.tensor([4, 6, 5])
+    at = torch.arange(10) >= prompt_lens[:, None] - 1
+    at[:, -1] = False
+    target_idx = at.flatten().nonzero().squeeze(1)
+    rows = target_idx // 10
+    model.eval()
+
+    def logits_with(b, gates_b):  # row b through the blocks whose gate is 1, at its target positions
+        with torch.no_grad():
+            h = base.embed_tokens(ids[b:b + 1])
+            cos, sin = base.rope(0, 10, ids.device, h.dtype)
+            for i in range(4):
+                h = base.layers[i](h, cos, sin) if gates_b[i] else h
+            return base.lm_head(base.norm(h))[0, at[b]]
+    with torch.no_grad():
+        _, _, g, _ = model.train_forward(ids, prompt_lens, target_idx, ids[:, 1:][at[:, :-1]])
+    # Targets: the pass's own argmax at odd positions (right, so a skip can break them), the data's elsewhere
+    greedy = torch.cat([logits_with(b, g[b].tolist()).argmax(1) for b in range(3)])
+    targets = torch.where(torch.arange(len(greedy)) % 2 == 1, greedy, ids[:, 1:][at[:, :-1]])
+    expected = torch.zeros(3, 4)  # broken positions per row, had block k been flipped
+    for b in range(3):
+        now = margins_by_hand(logits_with(b, g[b].tolist()), targets[rows == b])
+        for k in range(4):
+            flipped = margins_by_hand(logits_with(b, [x if i != k else 1 - x for i, x in enumerate(g[b].tolist())]),
+                                      targets[rows == b])
+            on, off = (now, flipped) if g[b, k] else (flipped, now)
+            expected[b, k] = ((on > 0) & (off <= margin) & (off < on)).sum()
+    assert 0 < (expected > 0).sum() < expected.numel()  # some flips break a right argmax, some none
+    for fixed in (False, True):
+        _, scores, gates, inputs = model.train_forward(ids, prompt_lens, target_idx, targets, fixed, keep_inputs=True)
+        assert torch.equal(gates, g) and len(inputs) == 5  # each block's input, and the last block's output
+        own = lr.target_margins(base.norm, base.lm_head, inputs[-1], target_idx, targets)
+        for k in range(4):
+            flip = model.flip_margins(k, inputs, gates, target_idx, targets, fixed)
+            on, off = torch.where(gates[rows, k] > 0, own, flip), torch.where(gates[rows, k] > 0, flip, own)
+            assert torch.equal(lr.broken_targets(on, off, rows, 3, margin), expected[:, k]), (fixed, k)
+        # train.py's measured path with --cost argmax: the labels of the blocks it draws, and their loss
+        x = {"ids": ids, "target_idx": target_idx, "targets": targets, "target_rows": rows}
+        blocks = train.flipped_blocks(4, 3, torch.Generator().manual_seed(7))
+        loss, keep = train.measured_router_loss(model, x, None, scores, gates, inputs, 0.02, 3,
+                                                torch.Generator().manual_seed(7), contextlib.nullcontext(),
+                                                fixed, "argmax", margin)
+        assert torch.equal(keep, (expected[:, blocks] > 0).float())
+        bce = sum(torch.nn.functional.binary_cross_entropy(scores[:, k], (expected[:, k] > 0).float()) for k in blocks)
+        assert loss.item() == pytest.approx(bce.item(), rel=1e-6)
+
+
 def test_layerroute_gradients_reach_lora_and_routers_only(tmp_path):
     _, model = tiny_routed(tmp_path, targets="attn")
     set_routers(model, [1.0, -1.0, 1.0, -1.0])
@@ -2006,7 +2066,8 @@ def test_train_checkpoint_is_whole_or_absent_after_a_fault(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("flag,value", [("--warmup", "3"), ("--price", "0.05"), ("--lora-dropout", "0.1"),
                                         ("--pooling", "reference"), ("--router-init", "band"),
-                                        ("--tool-fraction", "0.3"), ("--data-dir", None), ("--recipe", "paper")])
+                                        ("--tool-fraction", "0.3"), ("--data-dir", None), ("--recipe", "paper"),
+                                        ("--cost", "argmax")])
 def test_train_resume_refuses_a_changed_setting(tmp_path, flag, value):
     out = tmp_path / "run"
     train.train(train_args(tmp_path, "--steps", "4", "--out", str(out)), stop_at=3)
@@ -2211,11 +2272,12 @@ def one_process(args):
 
 
 @pytest.mark.parametrize("mode,how", [("measured", ["--no-fast"]), ("ste", ["--no-fast", "--router-bias", "0.02"]),
-                                       ("measured", ["--fast", "--no-compile"])])  # ste: gates that move
+                                       ("measured", ["--fast", "--no-compile"]),  # ste: gates that move
+                                       ("measured", ["--fast", "--no-compile", "--cost", "argmax", "--margin", "1"])])
 def test_two_processes_train_what_one_process_trains(tmp_path, mode, how):
     # Dropout 0: each rank draws LoRA dropout masks for its own rows, one process for all of them.
-    flags = ["--steps", "6", "--gate-grad", mode, "--flips", "2", "--skip-target", "0.3", "--lora-dropout", "0",
-             *how]
+    target = [] if "argmax" in how else ["--skip-target", "0.3"]  # the argmax cost has no price to move
+    flags = ["--steps", "6", "--gate-grad", mode, "--flips", "2", *target, "--lora-dropout", "0", *how]
     one, two = tmp_path / "one", tmp_path / "two"
     args = train.parse_args(tiny_run_argv(tmp_path, *flags, "--out", str(one)))
     stream = train.training_batches(args, None, 0)

@@ -1136,6 +1136,10 @@ def test_data_cli_json_summary(tmp_path, capsys):
     assert out["sources"]["hermes"]["records"] == 2 and out["steps"]["tool_call"] == 4
     assert sum(out["splits"].values()) == 14 and set(out["lengths"]) == set(data.KINDS)
     assert 0 <= out["padding"]["grouped"] <= out["padding"]["fixed"] < 1
+    # at 64 byte tokens no tool call fits: each is dropped, counted in its split, the other kinds kept (cut)
+    assert out["too_long"] == {"max_len": 64, "dropped": {"train": 1, "val": 0, "test": 3}}  # by function
+    assert out["lengths"]["tool_call"]["over_max_len"] == 4 and not any("tool_call" in k for k in out["kept_steps"])
+    assert sum(sum(sp.values()) for sp in out["kept_steps"].values()) == 14 - 4
 
 # Faults in reading files: a bad byte, number, nesting or cut costs its record, not its file; gsm8k's
 # test file is found by a whole word; skip reports; offline downloads.
@@ -2086,7 +2090,9 @@ def test_train_resume_refuses_a_changed_setting(tmp_path, flag, value):
     (["--batch-size", "0"], "--batch-size: must be >= 1"), (["--grad-accum", "0"], "--grad-accum: must be >= 1"),
     (["--lora-rank", "0"], "--lora-rank: must be >= 1"), (["--save-every", "0"], "--save-every: must be >= 1"),
     (["--lr", "nan"], "--lr: must be > 0"), (["--lora-dropout", "1"], "--lora-dropout: must be < 1"),
-    (["--steps", "ten"], "--steps: expected an integer, got 'ten'")])
+    (["--steps", "ten"], "--steps: expected an integer, got 'ten'"), (["--margin", "-1"], "--margin: must be >= 0"),
+    (["--cost", "argmax", "--gate-grad", "ste"], "--cost argmax needs --gate-grad measured"),
+    (["--cost", "argmax", "--skip-target", "0.2"], "dual ascent moves the price, which the argmax cost does not use")])
 def test_train_refuses_nonsense_numbers_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)

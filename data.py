@@ -23,9 +23,21 @@ Decisions:
   collected, not text a model should learn to write); the final `#### N` line stays.
 - Splits: gsm8k keeps its own (test file -> test; train file -> train, with 5% of it as val so tuning
   never touches test; the test file has `test` as a whole word of its name: test.jsonl,
-  main_test.jsonl, test-00000-of-00001.parquet, not latest.jsonl). Every other source splits 80/10/10
-  by sha256 of "source:record_id", so a conversation (all its steps) lives in exactly one split, the
-  same on every machine.
+  main_test.jsonl, test-00000-of-00001.parquet, not latest.jsonl). A conversation that makes calls
+  splits by function: each called name hashes (sha256 of "function:name", whatever the source) to
+  train, val or test (60/10/30), and the conversation goes where its functions do, so no function
+  called in a test step is called in a train or val step (a test call then measures skill, not memory
+  of that function). One whose functions fall in different splits is skipped and counted. The test
+  share is 30% because a few functions carry many calls (bfcl-live's Movies_3_FindMovies 94 of 1,311)
+  and most long tool lists do not fit the training length: at 30% the test split still holds over
+  100 calls that fit 512 tokens (results/README.md, "Tool-call test split by function"). Every other
+  conversation splits 80/10/10 by sha256 of "source:record_id". Either way a conversation (all its
+  steps) lives in exactly one split, the same on every machine.
+- Length: a tool-call step whose prompt and target do not fit the training length is dropped and
+  counted (`fitting`), never cut: cutting drops the oldest tokens, the system turn with the tool list
+  first, and a call cannot be learnt or scored without the names and schemas it must copy. Planning
+  and reply steps are cut (`truncate`): a planning prompt loses its system turn before its question,
+  and a reply reads the tool results and the conversation, which are nearest the end.
 - Caps: at most `max_records` records per source (default 20,000: glaive-v2 has ~113k), chosen by a
   hash of their id (not by file order, and with a salt of its own so the cap does not bias splits).
 - A malformed record is skipped whole (later turns' prompts depend on it) and counted per source and
@@ -619,6 +631,28 @@ def own_split(path: str) -> str:
     return "test" if "test" in re.split(r"[^a-z0-9]+", Path(path).stem.lower()) else "train"
 
 
+TOOL_TEST_SHARE, TOOL_VAL_SHARE = 0.3, 0.1  # of the called functions; the rest train
+
+
+def function_split(name: str) -> str:
+    """The split of every conversation that calls the function `name`: a hash of the name alone, so a
+    function glaive and hermes both call lands in the same split."""
+    u = _unit(f"function:{name}")
+    return "test" if u < TOOL_TEST_SHARE else "val" if u < TOOL_TEST_SHARE + TOOL_VAL_SHARE else "train"
+
+
+def record_split(source: str, rid: str, own: str | None, msgs: list[dict]) -> str:
+    """A conversation's split: gsm8k's own; else its called functions' one split (Skip when they
+    disagree: in any split it would share a function with another); else split_of's hash of its id."""
+    names = {c["name"] for m in msgs for c in m["calls"]}
+    if own is not None or not names:
+        return split_of(source, rid, own)
+    splits = {function_split(n) for n in names}
+    if len(splits) > 1:
+        raise Skip("calls functions of different splits")
+    return splits.pop()
+
+
 def split_of(source: str, rid: str, own: str | None = None) -> str:
     u = _unit(f"{source}:{rid}")
     if own == "test":
@@ -669,7 +703,7 @@ def load_steps(data_dir: str | None = None, cache_dir: str | None = None,
             where, rec, own = pending[source][rid]
             try:
                 msgs, tools, final = READERS[source](rec)
-                new = to_steps(source, rid, split_of(source, rid, own), msgs, tools, final, stated_kind(rec))
+                new = to_steps(source, rid, record_split(source, rid, own, msgs), msgs, tools, final, stated_kind(rec))
             except Skip as e:
                 _skipped(rep, str(e), where)
                 continue
@@ -703,7 +737,8 @@ def _counted(n: int, noun: str, items: list[str]) -> str:
 
 
 def skip_report(summary: dict) -> str:
-    """One line on what loading skipped and ignored, for train.py and eval.py to print, e.g.
+    """One line on what loading skipped and ignored (and, given fitting's count, which tool calls were
+    too long), for train.py and eval.py to print, e.g.
     "data: skipped 3 records (glaive: 2 x not UTF-8, first at F#4; gsm8k: 1 x integer too long at
     G#0), ignored 1 file (x.txt: not a .json/.jsonl/.parquet file)". One line, because qwen.cli
     folds an error's text onto one line anyway."""
@@ -718,6 +753,10 @@ def skip_report(summary: dict) -> str:
         items = [f"{p[0]}: {reason}" if len(p) == 1 else f"{len(p)} x {reason}, first {p[0]}"
                  for reason, p in paths.items()]
         said.append(f"ignored {_counted(len(ignored), 'file', items)}")
+    if long := summary.get("too_long"):  # set by the caller that ran fitting()
+        per = ", ".join(f"{k} {n}" for k, n in long["dropped"].items())
+        said.append(f"dropped {sum(long['dropped'].values())} tool-call steps whose prompt and target do not "
+                    f"fit --max-len {long['max_len']} ({per}; a cut would drop their tool list)")
     return "data: " + ", ".join(said)
 
 
@@ -754,6 +793,16 @@ def encode_all(steps: list[Step], tokenizer) -> list[tuple[list[int], list[int],
     prompts = tokenizer.encode_batch([s.prompt for s in steps], add_special_tokens=False)
     targets = tokenizer.encode_batch([s.target for s in steps], add_special_tokens=False)
     return [(p.ids, t.ids, s.kind) for p, t, s in zip(prompts, targets, steps)]
+
+
+def fitting(steps: list[Step], tokenizer, max_len: int) -> tuple[list[Step], dict[str, int]]:
+    """The steps that run at max_len, and per split the tool-call steps dropped because prompt + target
+    pass it (module docstring, "Length"); every other kind stays, to be cut by truncate."""
+    calls = [i for i, s in enumerate(steps) if s.kind == "tool_call"]
+    encoded = encode_all([steps[i] for i in calls], tokenizer)
+    long = {i for i, (p, t, _) in zip(calls, encoded) if len(p) + len(t) > max_len}
+    dropped = Counter(steps[i].split for i in long)
+    return [s for i, s in enumerate(steps) if i not in long], {k: dropped[k] for k in SPLITS}
 
 
 def truncate(prompt_ids: list[int], target_ids: list[int], max_len: int) -> tuple[list[int], list[int]]:
@@ -868,6 +917,10 @@ def print_summary(s: dict) -> None:
         print(f"{name:10}{r['records']:>9}{sp.get('train', 0):>7}{sp.get('val', 0):>6}"
               f"{sp.get('test', 0):>6}{r['capped']:>8}  {', '.join(r['files'])}")
     print("steps:  " + "  ".join(f"{k} {s['steps'].get(k, 0)}" for k in KINDS))
+    if kept := s.get("kept_steps"):
+        print(f"steps at --max-len {s['too_long']['max_len']} (long tool calls dropped), train / val / test:")
+        for name, sp in kept.items():
+            print(f"  {name:20}" + " / ".join(str(sp[k]) for k in SPLITS))
     print("splits: " + "  ".join(f"{k} {s['splits'].get(k, 0)}" for k in SPLITS))
     if "lengths" in s:
         print(f"tokens (prompt+target){'p50':>8}{'p90':>7}{'p99':>7}{'max':>7}  over max_len")
@@ -899,11 +952,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = ap.parse_args(argv)
     steps, summary = load_steps(args.data_dir, args.cache_dir, args.max_records)
-    summary.update(token_stats(steps, qwen.load_tokenizer(args.tokenizer), args.max_len))
+    tok = qwen.load_tokenizer(args.tokenizer)
+    kept, dropped = fitting(steps, tok, args.max_len)
+    summary["too_long"] = {"max_len": args.max_len, "dropped": dropped}
+    summary.update(token_stats(kept, tok, args.max_len))  # the padding of what training reads...
+    summary["lengths"] = token_stats(steps, tok, args.max_len)["lengths"]  # ...and the lengths of all
+    summary["kept_steps"] = {f"{source} {kind}": {k: n[(source, kind, k)] for k in SPLITS}  # per split
+                             for n in [Counter((s.source, s.kind, s.split) for s in kept)]
+                             for source, kind in dict.fromkeys((s.source, s.kind) for s in kept)}
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print_summary(summary)
+        print(skip_report(summary))
 
 
 if __name__ == "__main__":

@@ -578,7 +578,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=qwen.number(float, above=0, below=1), default=0.5, help="a gate opens when its router's score is above "
                    "this; training uses 0.5, lower closes only the surest skips (bench/threshold.py sweeps it)")
     p.add_argument("--batch-size", type=qwen.number(int, lo=1), default=4, help="rows per teacher-forced batch")
-    p.add_argument("--max-len", type=qwen.number(int, lo=8), help="tokens per step, oldest prompt tokens cut (default: the run's)")
+    p.add_argument("--max-len", type=qwen.number(int, lo=8), help="tokens per step: longer planning and reply "
+                   "steps lose their oldest prompt tokens, longer tool calls are dropped and counted (default: the run's)")
     p.add_argument("--bootstrap", type=qwen.number(int, lo=1), default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--bin-width", type=qwen.number(int, lo=1), default=32, help="prompt-length bin width for length matching")
     p.add_argument("--seed", type=qwen.number(int, lo=0), default=0, help="seed of the step sample and the bootstrap")
@@ -636,16 +637,18 @@ def main(argv=None) -> dict:
     args.max_len = args.max_len or run["max_len"]
     data_dir = args.data_dir or run.get("data_dir")
     steps, summary = data.load_steps(data_dir)
+    steps, dropped = data.fitting(steps, tok, args.max_len)
+    summary["too_long"] = {"max_len": args.max_len, "dropped": dropped}
     print(data.skip_report(summary), file=sys.stderr)
     by_kind = pick(steps, args.split, args.n, args.seed)
     if not by_kind:
         raise ValueError(f"{data_dir}: no steps in split '{args.split}'")
     report, recs = evaluate(model, tok, by_kind, args)
     report["settings"] = {**{k: v for k, v in vars(args).items() if k != "runs"}, "data_dir": data_dir,
-                          "run_dir": os.path.abspath(args.run),
+                          "run_dir": os.path.abspath(args.run), "too_long": summary["too_long"],
                           "device": f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device,
                           "run": {k: run.get(k) for k in ("model", "seed", "step", "steps", "max_len", "gate_grad",
-                                                          "gate_lambda", "price", "flips")}}
+                                                          "gate_lambda", "price", "flips", "cost", "margin")}}
     report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "n_target", "nll", "gates", "scores")}
                           for r in recs]
     print_table(report)  # first: a write that fails loses no result

@@ -10,7 +10,9 @@ Evaluation may lower that threshold (`LayerRoute.threshold`): then only the sure
   gate, backward the sigmoid, so training computes every block, block(h) is needed even where
   g = 0, and mixes g * block(h) + (1 - g) * h. Measured (train.py --gate-grad measured): training
   runs only the open blocks, and flip_losses reruns the rest of the network with one gate flipped,
-  so a router learns what skipping its block really costs each input.
+  so a router learns what skipping its block really costs each input: its loss in nats, or (--cost
+  argmax, flip_margins) whether it turns a right teacher-forced argmax wrong, which is what greedy
+  decoding of a call is lost to.
 - Evaluation and generation compute a block only for the rows whose gate is open, and a KV cache
   exists only for those rows: skipped compute is really not done.
 - The fixed-shape training pass (`train_forward(..., fixed=True)`, train.py's default on CUDA) computes
@@ -228,12 +230,15 @@ class LayerRoute(nn.Module):
         fixed=False runs forward() (the straight-through gate computes every block, measured gates only
         the open ones); fixed=True computes every block for every row, its output kept by the gate,
         with no host synchronisation: the same values, and shapes that do not depend on any gate.
-        keep_inputs keeps each block's input h, which flip_losses reruns from.
+        keep_inputs keeps each block's input h, which flip_losses reruns from, and then the last block's
+        output (L + 1 tensors), which the argmax cost scores the pass's own answers from.
         """
         if not fixed:
             self.block_inputs = [] if keep_inputs else None
             h = self(ids, prompt_lens, return_hidden=True)
             losses = self.target_loss(self.base.norm, self.base.lm_head, h, target_idx, targets)
+            if keep_inputs:
+                self.block_inputs.append(h.detach())
             return losses, self.last_scores, self.last_gates, self.block_inputs
         base = self.base
         h = base.embed_tokens(ids)  # (B, T, d)
@@ -248,7 +253,7 @@ class LayerRoute(nn.Module):
             gates.append(g)
         losses = self.target_loss(base.norm, base.lm_head, h, target_idx, targets)
         self.last_scores, self.last_gates = torch.stack(scores, 1), torch.stack(gates, 1).detach()
-        return losses, self.last_scores, self.last_gates, inputs if keep_inputs else None
+        return losses, self.last_scores, self.last_gates, inputs + [h.detach()] if keep_inputs else None
 
     @torch.no_grad()
     def flip_losses(self, k: int, inputs: list[torch.Tensor], gates: torch.Tensor, target_idx: torch.Tensor,
@@ -260,6 +265,20 @@ class LayerRoute(nn.Module):
         With that pass's own row losses this measures what skipping block k costs each row, the full
         nonlinear effect, where the straight-through gradient sees only a first-order guess.
         """
+        h = self.flipped(k, inputs, gates, fixed)
+        losses = self.target_loss(self.base.norm, self.base.lm_head, h, target_idx, targets)
+        return row_means(losses, target_rows, h.shape[0])
+
+    @torch.no_grad()
+    def flip_margins(self, k: int, inputs: list[torch.Tensor], gates: torch.Tensor, target_idx: torch.Tensor,
+                     targets: torch.Tensor, fixed: bool = False) -> torch.Tensor:
+        """target_margins (N,) had block k's gate been the other way, as flip_losses reruns it; the pass's
+        own margins are target_margins of inputs[-1]."""
+        h = self.flipped(k, inputs, gates, fixed)
+        return target_margins(self.base.norm, self.base.lm_head, h, target_idx, targets)
+
+    def flipped(self, k: int, inputs: list[torch.Tensor], gates: torch.Tensor, fixed: bool) -> torch.Tensor:
+        """The last block's output h (B, T, d) with block k's gate flipped: blocks k.. rerun from its kept input."""
         h = inputs[k]
         gates = gates.clone()
         gates[:, k] = 1 - gates[:, k]
@@ -268,8 +287,7 @@ class LayerRoute(nn.Module):
             block = self.base.layers[i]
             h = self.gated(block, h, gates[:, i], cos, sin) if fixed else \
                 self.run_block(i, block, h, gates[:, i], cos, sin, None)
-        losses = self.target_loss(self.base.norm, self.base.lm_head, h, target_idx, targets)
-        return row_means(losses, target_rows, h.shape[0])
+        return h
 
     def compile_training(self, **options):
         """torch.compile the pieces of the fixed-shape pass: a routed block with its backward, a gated
@@ -355,6 +373,16 @@ def target_loss(norm: nn.Module, head: nn.Module, h: torch.Tensor, target_idx: t
                            reduction="none")
 
 
+def target_margins(norm: nn.Module, head: nn.Module, h: torch.Tensor, target_idx: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """Target logit minus the best other logit (N,), float32, at the flat positions target_idx of h (B, T, d):
+    above 0 exactly where the teacher-forced argmax is the target. Greedy decoding reproduces a target
+    if and only if every one of its positions is above 0."""
+    logits = head(norm(h.flatten(0, 1).index_select(0, target_idx))).float()  # (N, vocab)
+    own = logits.gather(1, targets[:, None]).squeeze(1)
+    return own - logits.scatter(1, targets[:, None], float("-inf")).amax(1)
+
+
 def row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Per-row mean (n_rows,) of values (N,), value j belonging to row rows[j]."""
     sums = torch.zeros(n_rows, device=values.device).index_add_(0, rows, values.float())
@@ -367,6 +395,23 @@ def measured_gate_loss(scores: torch.Tensor, cost: torch.Tensor, price: float) -
     more than the price (label 1: keep the block) or less (label 0: skip it). Unweighted, so that the
     many cheap rows count as much as the few costly ones (results/README.md, "How the defaults were chosen")."""
     return F.binary_cross_entropy(scores.float(), (cost > price).float())
+
+
+def broken_targets(open_margins: torch.Tensor, closed_margins: torch.Tensor, rows: torch.Tensor, n_rows: int,
+                   margin: float = 0.0) -> torch.Tensor:
+    """Per row (n_rows,), the target positions that skipping a block breaks: right with the block
+    (open margin > 0), and without it the target's lead falls to `margin` or below, lower than with it
+    (margin 0: the argmax turns wrong). Margins (N,) as target_margins gives them, rows (N,) their rows.
+    A call is lost to one wrong token, so one broken position is what a skip must not cost."""
+    broken = (open_margins > 0) & (closed_margins <= margin) & (closed_margins < open_margins)
+    return torch.zeros(n_rows, device=rows.device).index_add_(0, rows, broken.float())
+
+
+def argmax_gate_loss(scores: torch.Tensor, broken: torch.Tensor) -> torch.Tensor:
+    """The router as a classifier of answers: label 1 (keep the block) where skipping it breaks at least one
+    of the row's target positions (broken_targets), 0 where every position keeps its argmax. Unweighted,
+    as measured_gate_loss is."""
+    return F.binary_cross_entropy(scores.float(), (broken > 0).float())
 
 
 def gate_loss(scores: torch.Tensor) -> torch.Tensor:

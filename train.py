@@ -99,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default: 16 with --fast, 1 without)")
     p.add_argument("--lr", type=qwen.number(float, above=0), default=2e-4, help="peak learning rate of LoRA")
     p.add_argument("--warmup", type=qwen.number(int, lo=0), default=100, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--max-len", type=qwen.number(int, lo=8), default=512, help="tokens per sequence (oldest prompt tokens cut)")
+    p.add_argument("--max-len", type=qwen.number(int, lo=8), default=512, help="tokens per sequence: a longer "
+                   "planning or reply step loses its oldest prompt tokens, a longer tool call is dropped and counted")
     p.add_argument("--gate-grad", choices=["ste", "measured"], help="measured: each micro-batch reruns --flips "
                    "blocks with their gate flipped, and those routers learn from the measured loss difference "
                    "against --price; ste: the paper's straight-through gradient with the regulariser "
@@ -111,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
                    f"run, at least 2 and at most {MAX_DEFAULT_FLIPS})")
     p.add_argument("--price", type=qwen.number(float), default=0.02, help="measured: skip a block where skipping it costs "
                    "less than this many nats per target token")
+    p.add_argument("--cost", choices=["loss", "argmax"], default="loss", help="measured: what a flip costs a row. "
+                   "loss: the change of its mean target loss, against --price; argmax: whether skipping the block "
+                   "breaks a target position whose teacher-forced argmax is right (greedy decoding would then write "
+                   "another token), the target's lead over the best other token falling to --margin or below")
+    p.add_argument("--margin", type=qwen.number(float, lo=0), default=0.0, help="argmax cost: a lead (in logits) "
+                   "that skipping may not push the target's below; 0 counts only argmaxes turned wrong")
     p.add_argument("--gate-lambda", type=qwen.number(float, lo=0), default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
     p.add_argument("--skip-target", type=qwen.number(float, above=0, below=1), help="a share of blocks to skip over training (e.g. 0.25): "
                    "lambda (ste) or the price (measured) then follows dual ascent, the same for every step type, "
@@ -156,6 +163,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in GATE_DEFAULTS[args.gate_grad].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.cost == "argmax" and args.gate_grad != "measured":
+        p.error("--cost argmax needs --gate-grad measured: only measured gates price their flips")
+    if args.cost == "argmax" and args.skip_target is not None:
+        p.error("--cost argmax with --skip-target: dual ascent moves the price, which the argmax cost does not use")
     args.fast = args.device.startswith("cuda") if args.fast is None else args.fast
     args.compile = args.fast if args.compile is None else args.compile
     if args.compile and not args.fast:
@@ -202,6 +213,8 @@ def training_batches(args, model, start: int):
         return synthetic_batches(args, model.base.cfg.vocab_size, start)
     tok = qwen.load_tokenizer(args.model)
     steps, summary = data.load_steps(args.data_dir)
+    steps, dropped = data.fitting(steps, tok, args.max_len)
+    summary["too_long"] = {"max_len": args.max_len, "dropped": dropped}
     print(data.skip_report(summary), file=sys.stderr)
     data.require_kinds(steps, ("tool_call", "planning"), "train", args.data_dir or "the downloaded data", summary)
     train = [s for s in steps if s.split == "train"]
@@ -298,8 +311,9 @@ def restore(model, opt, args, processes: int = 1, writes: bool = True) -> tuple[
     process keeps the log (rank 0); every rank loads the same checkpoint."""
     folder = lr.latest_checkpoint(args.out)
     saved = qwen.read_json(os.path.join(folder, "run.json"))
+    defaults = parser()  # a flag newer than the run: the run used what its default does
     for k, v in vars(args).items():
-        if k not in RESUME_FREE and saved.get(k) != v:
+        if k not in RESUME_FREE and saved.get(k, defaults.get_default(k)) != v:
             raise ValueError(f"--resume: --{k.replace('_', '-')} {v} but the run in {args.out} used "
                              f"{saved.get(k)}: resume with the run's settings, or train afresh into another --out")
     before = saved.get("processes", 1)
@@ -366,28 +380,45 @@ def flipped_blocks(layers: int, flips: int, g: torch.Generator) -> list[int]:
 
 
 def measured_router_loss(model, x: dict, token_loss, scores, gates, inputs, price, flips: int,
-                         g: torch.Generator, autocast, fixed: bool):
-    """Flip `flips` blocks (a fresh draw each micro-batch), measure what closing each costs every row,
-    and return the routers' classification loss against the price and the costs (B, flips)."""
+                         g: torch.Generator, autocast, fixed: bool, cost: str = "loss", margin: float = 0.0):
+    """Flip `flips` blocks (a fresh draw each micro-batch), measure what closing each costs every row, and
+    return the routers' classification loss and its labels (B, flips): 1 where the block should stay. cost
+    "loss": closing costs more than the price in nats per target token; "argmax": closing breaks a target
+    position the open block gets right (lr.broken_targets with `margin`)."""
     blocks = flipped_blocks(len(model.routers), flips, g)
-    rows = x["ids"].shape[0]
-    now = lr.row_means(token_loss, x["target_rows"], rows)  # (B,) mean nats/token under the gates actually used
-    loss, costs = 0.0, []
+    rows, at = x["ids"].shape[0], x["target_rows"]
+    if cost == "loss":
+        now = lr.row_means(token_loss, at, rows)  # (B,) mean nats/token under the gates actually used
+    else:
+        with torch.no_grad(), autocast:  # (N,) the pass's own margins, from the last block's output
+            now = lr.target_margins(model.base.norm, model.base.lm_head, inputs[-1], x["target_idx"], x["targets"])
+    loss, keep = 0.0, []
     for k in blocks:
-        with autocast:  # the rerun in the training pass's precision; the loss below stays float32
-            flipped = model.flip_losses(k, inputs, gates, x["target_idx"], x["targets"], x["target_rows"], fixed)
         open_now = gates[:, k] > 0
-        # closed minus open, per row. The rerun draws fresh LoRA dropout in blocks k..; that noise is about a
-        # tenth of the default price (results/README.md, "Notes behind the code").
-        cost = torch.where(open_now, flipped - now, now - flipped)
-        loss = loss + lr.measured_gate_loss(scores[:, k], cost, price)
-        costs.append(cost)
-    return loss, torch.stack(costs, 1)
+        with autocast:  # the rerun in the training pass's precision; the loss below stays float32
+            if cost == "loss":
+                flipped = model.flip_losses(k, inputs, gates, x["target_idx"], x["targets"], at, fixed)
+            else:
+                flipped = model.flip_margins(k, inputs, gates, x["target_idx"], x["targets"], fixed)
+        if cost == "loss":
+            # closed minus open, per row. The rerun draws fresh LoRA dropout in blocks k..; that noise is about a
+            # tenth of the default price (results/README.md, "Notes behind the code").
+            row_cost = torch.where(open_now, flipped - now, now - flipped)
+            loss = loss + lr.measured_gate_loss(scores[:, k], row_cost, price)
+            keep.append(row_cost > price)
+        else:
+            open_t = open_now[at]  # (N,) each target's row: is block k open in the pass?
+            broken = lr.broken_targets(torch.where(open_t, now, flipped), torch.where(open_t, flipped, now), at,
+                                       rows, margin)
+            loss = loss + lr.argmax_gate_loss(scores[:, k], broken)
+            keep.append(broken > 0)
+    return loss, torch.stack(keep, 1).float()
 
 
 def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generator, autocast, share: float = 1.0):
     """One micro-batch's two losses as train() backpropagates them, each already scaled for the step:
-    (LM loss per target token of the step, gate loss, gates (B, L), measured costs (B, flips) or None).
+    (LM loss per target token of the step, gate loss, gates (B, L), measured labels (B, flips), 1 where a
+    flipped block should stay, or None).
     n_target counts the whole step's targets, every rank's, and share is this rank's part of the
     micro-batch's rows, so that the ranks' losses sum to the one-process step's."""
     measured = not model.straight_through
@@ -399,9 +430,9 @@ def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generat
     # ranks to the mean over the whole micro-batch, as one process has it.
     if not measured:
         return lm, lam * lr.gate_loss(scores) * share / args.grad_accum, gates, None
-    gate, cost = measured_router_loss(model, x, token_loss.detach(), scores, gates, inputs, lam, args.flips,
-                                      flip_rng, autocast, args.fast)
-    return lm, gate * share / args.grad_accum, gates, cost
+    gate, keep = measured_router_loss(model, x, token_loss.detach(), scores, gates, inputs, lam, args.flips,
+                                      flip_rng, autocast, args.fast, args.cost, args.margin)
+    return lm, gate * share / args.grad_accum, gates, keep
 
 
 def on_device(b, device: str) -> dict:
@@ -676,10 +707,10 @@ def train_steps(args: argparse.Namespace, ranks: Ranks, stop_at: int | None) -> 
                     flipped_blocks(len(model.routers), args.flips, flip_rng)  # in step with the other ranks
                 continue
             x = on_device(mine, args.device)
-            lm, gate, gates, cost = micro_loss(model, x, n_target, lam, args, flip_rng, autocast,
+            lm, gate, gates, keep = micro_loss(model, x, n_target, lam, args, flip_rng, autocast,
                                                len(mine.kinds) / len(b.kinds))
             if measured:
-                window.add("cheap", x["kinds"], (cost < lam).float().sum(1), args.flips)
+                window.add("cheap", x["kinds"], (1 - keep).sum(1), args.flips)
             (lm + gate).backward()
             closed = (1 - gates).mean(1)  # (B,) share of each row's blocks skipped
             window.add("skip", x["kinds"], closed)
@@ -714,7 +745,8 @@ def train_steps(args: argparse.Namespace, ranks: Ranks, stop_at: int | None) -> 
                    "elapsed_s": time.time() - t_start, **window.percents()}
             eta = (args.steps - step) * dt / args.log_every
             kinds = sorted(k[5:] for k in rec if k.startswith("skip_"))
-            cheap = " | flips cheaper than the price % " + " ".join(
+            said = "cheaper than the price" if args.cost == "loss" else "that break no argmax"
+            cheap = f" | flips {said} % " + " ".join(
                 f"{k} {rec['cheap_' + k]:.0f}" for k in kinds if "cheap_" + k in rec) if measured else ""
             print(f"step {step}/{args.steps} | lm {rec['loss']:.4f} | gate {rec['gate_loss']:.4f} | skip % " +
                   " ".join(f"{k} {rec['skip_' + k]:.1f}" for k in kinds) + cheap +

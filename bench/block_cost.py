@@ -242,7 +242,7 @@ def main():
         model, tok = lora_only(args.run)
     else:
         model, tok = qwen.load_model(args.model).eval(), qwen.load_tokenizer(args.model)
-    steps, _ = data.load_steps(args.data_dir)
+    steps = data.fitting(data.load_steps(args.data_dir)[0], tok, args.max_len)[0]  # as eval.py drops
     if args.keep_answers:
         fit = tool_calls(steps, tok, args.split, args)
         if args.per_call:

@@ -62,7 +62,7 @@ def fixed_gates(skip: set[int], kind: str):
 def perplexities(run: str, data_dir: str, skip: set[int], kind: str, n: int, max_len: int) -> dict:
     """Per type: perplexity with every block on, and (for `kind`) with `skip` passed over."""
     model, tok = block_cost.lora_only(run)
-    steps, _ = data.load_steps(data_dir)
+    steps = data.fitting(data.load_steps(data_dir)[0], tok, max_len)[0]  # as eval.py drops
     out = {}
     for k, chosen in eval_.pick(steps, "test", n, seed=0).items():
         if k not in eval_.PAIR:
@@ -85,7 +85,7 @@ def exact_match(run: str, data_dir: str, skip: set[int], kind: str, n: int, max_
     """eval.py's greedy task accuracy of `kind` (base / LoRA-only / skipping `skip`), its sample and cap."""
     model, tok, _ = lr.load_run(run)
     model.route = lambda i, h, _lens: torch.full((h.shape[0],), 0.0 if i in skip else 1.0)
-    steps, _ = data.load_steps(data_dir)
+    steps = data.fitting(data.load_steps(data_dir)[0], tok, max_len)[0]
     items = [(data.encode(s, tok, max_len)[0], kind, s.answer)
              for s in eval_.pick(steps, "test", None, seed=0)[kind]
              if eval_.answer_correct(kind, "", s.answer) is not None][:n]

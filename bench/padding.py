@@ -29,7 +29,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="data-order seed")
     args = p.parse_args()
     tok = qwen.load_tokenizer(args.tokenizer)
-    steps, _ = data.load_steps(args.data_dir)
+    steps = data.fitting(data.load_steps(args.data_dir)[0], tok, args.max_len)[0]  # as train.py drops
     train = [s for s in steps if s.split == "train"]
     encoded = data.encode_all(train, tok)
     pad = data.pad_id(tok)

@@ -753,7 +753,7 @@ def skip_report(summary: dict) -> str:
         items = [f"{p[0]}: {reason}" if len(p) == 1 else f"{len(p)} x {reason}, first {p[0]}"
                  for reason, p in paths.items()]
         said.append(f"ignored {_counted(len(ignored), 'file', items)}")
-    if long := summary.get("too_long"):  # set by the caller that ran fitting()
+    if (long := summary.get("too_long")) and sum(long["dropped"].values()):  # set by the caller that ran fitting()
         per = ", ".join(f"{k} {n}" for k, n in long["dropped"].items())
         said.append(f"dropped {sum(long['dropped'].values())} tool-call steps whose prompt and target do not "
                     f"fit --max-len {long['max_len']} ({per}; a cut would drop their tool list)")

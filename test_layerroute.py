@@ -2882,3 +2882,22 @@ def test_readme_python_example_runs_as_written(served, capsys):
     out = capsys.readouterr().out
     assert out.count("<|im_start|>") == 3 and "get_weather" in out and "tensor([[1., 0., 1., 1.]])" in out
     assert re.search(r"\n\[1\] \d+\.\d% of the FLOPs skipped\n", out)
+
+
+def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path, capsys, one_thread):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("threshold_bench", Path(__file__).parent / "bench" / "threshold.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
+    rows = bench.main(["--runs", str(tmp_path / "run"), "--split", "val", "--n", "3", "--thresholds", "0.5,0.0",
+                       "--max-new-tokens", "3", "--label", "ours", "--out", str(tmp_path / "ours.json")])
+    assert [r["threshold"] for r in rows] == [0.5, 0.0] and rows[1]["tool_call"] == 0.0 == rows[1]["tool_call_flops"]
+    saved = json.loads((tmp_path / "ours.json").read_text())
+    assert saved["label"] == "ours" and saved["rows"] == rows
+    (tmp_path / "other.json").write_text(json.dumps({**saved, "label": "other", "runs": ["a", "b"],
+                                                     "rows": rows + [{**r, "run": "b"} for r in rows]}))
+    (point,) = [p for p in bench.pooled(json.loads((tmp_path / "other.json").read_text())["rows"]) if p["threshold"] == 0.5]
+    assert point["calls"] == 2 * rows[0]["calls"] and point["exact"] == rows[0]["right"] / rows[0]["calls"]
+    bench.main(["--plot", str(tmp_path / "curves.png"), str(tmp_path / "ours.json"), str(tmp_path / "other.json")])
+    assert (tmp_path / "curves.png").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out

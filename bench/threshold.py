@@ -6,15 +6,19 @@ number of blocks, those whose score is below the threshold. For each threshold a
 eval.py's sample of --split: blocks skipped per type, the skip differential, routed / LoRA-only
 perplexity per type (token-weighted), and the greedy exact match of the tool calls, with the
 answers routing broke and fixed against LoRA-only (every block on). With several runs, the broken
-and fixed answers are pooled per threshold (McNemar).
+and fixed answers are pooled per threshold (McNemar). --out saves the rows under a --label;
+--plot draws tool-call exact match against tool-call FLOPs skipped (LM head counted), pooled over
+the runs of each saved file, one curve per file: a recipe's trade-off, threshold by threshold.
 
 Choose a threshold on --split val, then read it on test: choosing it on the test calls is tuning
 on them. DATA: a folder of data files.
 
     python bench/threshold.py --runs runs/ours-s0 runs/ours-s1 --data-dir DATA --split val \
-        --thresholds 0.5,0.3,0.2,0.1 --threads 1
+        --thresholds 0.5,0.3,0.2,0.1 --threads 1 --label ours --out results/threshold-ours.json
+    python bench/threshold.py --plot results/answers-vs-flops.png results/threshold-*.json
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -36,6 +40,12 @@ def perplexity(recs: list[dict], kind: str, name: str) -> float:
 def skipped_pct(recs: list[dict], kind: str) -> float:
     gates = [g for r in recs if r["kind"] == kind for g in r["gates"]]
     return 100.0 * (1 - sum(gates) / len(gates))
+
+
+def flops_pct(cfg, recs: list[dict], kind: str) -> float:
+    """Mean percent of each step's teacher-forced FLOPs its closed blocks save, LM head counted (eval.py's)."""
+    rs = [r for r in recs if r["kind"] == kind]
+    return sum(eval_.flops_skipped_pct(cfg, r["gates"], r["length"]) for r in rs) / len(rs)
 
 
 def sweep(run: str, args) -> list[dict]:
@@ -63,9 +73,11 @@ def sweep(run: str, args) -> list[dict]:
                "right": sum(right), "broke": broke, "fixed": fixed}
         for kind in ("tool_call", "planning"):
             row[kind] = skipped_pct(recs, kind)
+            row[kind + "_flops"] = flops_pct(model.base.cfg, recs, kind)
             row[kind + "_x"] = perplexity(recs, kind, "routed") / perplexity(lora, kind, "lora")
         rows.append(row)
-        print(f"{run}  threshold {t:.3f}: tool_call {row['tool_call']:5.1f}% of blocks (x{row['tool_call_x']:.3f}), "
+        print(f"{run}  threshold {t:.3f}: tool_call {row['tool_call']:5.1f}% of blocks, {row['tool_call_flops']:.1f}% of "
+              f"FLOPs (x{row['tool_call_x']:.3f}), "
               f"planning {row['planning']:5.2f}% (x{row['planning_x']:.3f}), differential "
               f"{row['tool_call'] - row['planning']:+.1f} points; exact match {row['lora_right']}/{len(calls)} LoRA-only, "
               f"{row['right']}/{len(calls)} routed (broke {row['broke']}, fixed {row['fixed']}) "
@@ -73,9 +85,53 @@ def sweep(run: str, args) -> list[dict]:
     return rows
 
 
+def pooled(rows: list[dict]) -> list[dict]:
+    """Per threshold over the runs: exact match (routed and LoRA-only, of every call), the mean tool-call
+    FLOPs and blocks skipped, and the answers broken and fixed."""
+    out = []
+    for t in sorted({r["threshold"] for r in rows}, reverse=True):
+        at = [r for r in rows if r["threshold"] == t]
+        calls = sum(r["calls"] for r in at)
+        out.append({"threshold": t, "calls": calls, "exact": sum(r["right"] for r in at) / calls,
+                    "lora_exact": sum(r["lora_right"] for r in at) / calls,
+                    "broke": sum(r["broke"] for r in at), "fixed": sum(r["fixed"] for r in at),
+                    **{k: sum(r[k] for r in at) / len(at) for k in ("tool_call", "tool_call_flops", "planning")}})
+    return out
+
+
+def plot(files: list[str], out: str):
+    """Tool-call exact match against tool-call FLOPs skipped, one curve per saved sweep."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for path in files:
+        with open(path) as f:
+            saved = json.load(f)
+        points = pooled(saved["rows"])
+        line, = ax.plot([p["tool_call_flops"] for p in points], [100 * p["exact"] for p in points], "o-",
+                        label=f"{saved['label']} ({len(saved['runs'])} runs, {points[0]['calls']} calls)")
+        for p in points:
+            ax.annotate(f"{p['threshold']:g}", (p["tool_call_flops"], 100 * p["exact"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.axhline(100 * points[0]["lora_exact"], color=line.get_color(), ls=":", lw=1)
+    ax.set_xlabel("tool-call FLOPs skipped, LM head counted (%)")
+    ax.set_ylabel("tool-call exact match, greedy (%)")
+    ax.set_title("Answers kept against compute skipped (dotted: LoRA-only; labels: threshold)", fontsize=9)
+    ax.set_ylim(0, 100)
+    ax.set_xlim(left=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", nargs="+", required=True, help="run folders written by train.py")
+    p.add_argument("--runs", nargs="+", help="run folders written by train.py")
+    p.add_argument("--label", help="the name of these runs' curve in --plot (e.g. the recipe)")
+    p.add_argument("--out", help="save the rows as JSON (with --label) for --plot")
+    p.add_argument("--plot", nargs="+", metavar=("PNG", "JSON"), help="PNG then saved sweeps: draw them, run nothing")
     p.add_argument("--data-dir", help="data to evaluate on (default: each run's own --data-dir)")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--n", type=int, default=200, help="at most this many steps per type (eval.py's sample)")
@@ -86,6 +142,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0, help="seed of eval.py's step sample")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     args = p.parse_args(argv)
+    if args.plot:
+        if len(args.plot) < 2:
+            p.error("--plot PNG SWEEP.json [SWEEP.json ...]")
+        return plot(args.plot[1:], args.plot[0])
+    if not args.runs:
+        p.error("give --runs, or --plot")
     if not all(0 <= t <= 1 for t in args.thresholds):
         p.error(f"--thresholds {args.thresholds}: each must be in [0, 1]")
     if args.threads:
@@ -99,6 +161,11 @@ def main(argv=None) -> list[dict]:
             print(f"pooled, threshold {t:.3f}: tool_call {mean('tool_call'):.1f}%, planning {mean('planning'):.2f}% "
                   f"(mean over runs); of {sum(r['calls'] for r in at)} calls routing broke {broke}, fixed {fixed} "
                   f"(McNemar p {eval_.mcnemar_p(broke, fixed):.4f})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"label": args.label or os.path.basename(args.runs[0]), "runs": args.runs,
+                       "split": args.split, "rows": rows}, f, indent=1)
+        print(f"wrote {args.out}")
     return rows
 
 

@@ -1947,17 +1947,18 @@ def test_layerroute_defaults_are_the_default_recipe():
     assert lr.LayerRoute(qwen25_on_meta()).straight_through == (args.gate_grad == "ste")
 
 
-@pytest.mark.parametrize("module", ["train", "eval", "data", "qwen"])
+@pytest.mark.parametrize("module", ["train", "eval", "data", "qwen", "chat"])
 def test_help_shows_every_default(module, capsys, monkeypatch):
     """Every flag's help gives its default, or the rule that sets it, as it will be used."""
     monkeypatch.setenv("COLUMNS", "1000")  # one line per flag (or two, where its name is long)
-    mod = {"train": train, "eval": ev, "data": data, "qwen": qwen}[module]
+    mod = {"train": train, "eval": ev, "data": data, "qwen": qwen, "chat": chat}[module]
     with pytest.raises(SystemExit):
         mod.main(["--help"])
     text = capsys.readouterr().out.split("options:")[1]
     blocks = re.split(r"\n  (?=-)", text)[1:]
-    assert len(blocks) >= {"train": 34, "eval": 20, "data": 7, "qwen": 7}[module]
-    switches = ("--help", "--resume", "--overwrite", "--check-syncs", "--json", "--chat", "--run ", "--runs", "--prompt")
+    assert len(blocks) >= {"train": 34, "eval": 20, "data": 7, "qwen": 7, "chat": 15}[module]
+    switches = ("--help", "--resume", "--overwrite", "--check-syncs", "--json", "--chat", "--run ", "--runs", "--prompt",
+                "--serve", "--quiet") + (("--model",) if module == "chat" else ())  # chat: --run or --model
     for block in blocks:
         if block.startswith("-h") or block.startswith(switches):
             continue  # off unless given, or required

@@ -345,6 +345,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"the body is not JSON ({' '.join(str(e).split())[:120]})") from None
 
     def do_POST(self):
+        self.streaming = False  # a connection is kept for its next request: this one has not streamed yet
         try:
             if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
                 self.close_connection = True
@@ -369,7 +370,11 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left; the next request may use the model
         except Exception as e:  # noqa: BLE001 (one bad request must not end the server)
-            self.send_error_json(RequestError(500, f"{type(e).__name__}: {e}"))
+            error = RequestError(500, f"{type(e).__name__}: {e}")
+            if self.streaming:  # the status line is gone: the error is the stream's last event
+                self.wfile.write(f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n".encode())
+            else:
+                self.send_error_json(error)
 
     def header(self, kind: str) -> dict:
         return {"id": self.request_id, "object": kind, "created": int(time.time()), "model": self.server.name}
@@ -389,7 +394,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")  # the end of the stream is the end of the connection
         self.end_headers()
-        self.close_connection = True
+        self.close_connection = self.streaming = True
 
         def event(delta: dict | None, finish: str | None = None, **extra):
             chunk = {**self.header("chat.completion.chunk"), **extra,

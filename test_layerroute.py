@@ -2902,3 +2902,24 @@ def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path,
     assert point["calls"] == 2 * rows[0]["calls"] and point["exact"] == rows[0]["right"] / rows[0]["calls"]
     bench.main(["--plot", str(tmp_path / "curves.png"), str(tmp_path / "ours.json"), str(tmp_path / "other.json")])
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out
+
+
+def test_endpoint_a_failure_mid_stream_ends_that_stream_with_an_error_event(served, monkeypatch):
+    import openai
+    decode = qwen.decode
+
+    def failing(*args, **kwargs):
+        for i, t in enumerate(decode(*args, **kwargs)):
+            if i == 3:
+                raise RuntimeError("device lost")
+            yield t
+
+    monkeypatch.setattr(qwen, "decode", failing)
+    c = client(served)
+    with pytest.raises(openai.APIError, match="RuntimeError: device lost"):
+        list(c.chat.completions.create(model="tiny", messages=ANSWERED, tools=TIME_TOOLS, temperature=0, stream=True))
+    with pytest.raises(openai.InternalServerError, match="device lost"):
+        c.chat.completions.create(model="tiny", messages=ANSWERED, tools=TIME_TOOLS, temperature=0)
+    monkeypatch.undo()
+    ok = c.chat.completions.create(model="tiny", messages=ANSWERED, tools=TIME_TOOLS, temperature=0)
+    assert ok.choices[0].message.content == REPLY_TEXT

@@ -32,7 +32,7 @@ import torch
 import data
 import layerroute as lr
 import qwen
-from eval import parse_calls
+from eval import flops_skipped_pct, parse_calls
 
 CALL_OPEN = "<tool_call>"
 MAX_BODY = 4 << 20  # bytes: a request with a long tool list is well under a megabyte
@@ -97,24 +97,16 @@ def timed(it: Iterator) -> Iterator[tuple[object, float]]:
         yield item, time.perf_counter() - t0
 
 
-def request_flops_skipped_pct(cfg: qwen.QwenConfig, gates: list[float], prompt: int, new: int) -> float:
-    """Percent of a generation's FLOPs that its closed blocks save, LM head included: the blocks run at
-    every prompt position and at each generated token but the last (sampled, never fed back); the head
-    runs once per generated token (the prefill keeps the last position's logits only)."""
-    blocks = sum(qwen.forward_flops(cfg, t + 1)[0] for t in range(prompt + max(new - 1, 0)))
-    head = max(new, 1) * qwen.forward_flops(cfg, 1)[1]
-    closed = len(gates) - float(sum(gates))
-    return 100.0 * closed * blocks / (len(gates) * blocks + head)
-
-
 def routing(model, prompt: int, new: int) -> dict | None:
     if not isinstance(model, lr.LayerRoute):
         return None
     gates = model.last_gates[0].tolist()  # decided at prefill; every decode step reuses them
     skipped = [i for i, g in enumerate(gates) if g < 0.5]
+    # The blocks run at every prompt position and at each generated token but the last (sampled, never
+    # fed back); the head once per generated token (the prefill keeps the last position's logits only).
+    flops = flops_skipped_pct(model.base.cfg, gates, prompt + max(new - 1, 0), heads=max(new, 1))
     return {"blocks": len(gates), "skipped": skipped, "threshold": model.threshold,
-            "blocks_skipped_pct": 100.0 * len(skipped) / len(gates),
-            "flops_skipped_pct": request_flops_skipped_pct(model.base.cfg, gates, prompt, new)}
+            "blocks_skipped_pct": 100.0 * len(skipped) / len(gates), "flops_skipped_pct": flops}
 
 
 def held_from(text: str, markers: tuple[str, ...]) -> int:

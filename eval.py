@@ -57,17 +57,19 @@ def mode(model: lr.LayerRoute, name: str):
         model.open_gates = saved[1]
 
 
-def flops_skipped_pct(cfg: qwen.QwenConfig, gates: list[float], length: int, start: int = 0) -> float:
+def flops_skipped_pct(cfg: qwen.QwenConfig, gates: list[float], length: int, start: int = 0,
+                      heads: int | None = None) -> float:
     """Percent of a forward's FLOPs that closed blocks save, over token positions start..length-1.
 
     Position t attends over t + 1 keys. A full forward costs, per position, L blocks plus the LM head
     (qwen.forward_flops: attention and MLP matmuls, QK^T and AV, the d x vocab head); the routed one
     drops the closed blocks. start=0, length=prompt+target is the teacher-forced pass; start=prompt
-    length is the decode phase of generation. The head is never skipped, which caps the saving.
+    length is the decode phase of generation. heads: the positions the head runs at, when not every
+    one (a generation's prefill keeps the last logits only). The head is never skipped, which caps the saving.
     """
     closed = len(gates) - float(sum(gates))
     blocks = sum(qwen.forward_flops(cfg, t + 1)[0] for t in range(start, length))
-    head = (length - start) * qwen.forward_flops(cfg, 1)[1]
+    head = (length - start if heads is None else heads) * qwen.forward_flops(cfg, 1)[1]
     return 100.0 * closed * blocks / (len(gates) * blocks + head)
 
 
@@ -104,6 +106,11 @@ def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[in
     return out
 
 
+def mean_flops_skipped_pct(cfg: qwen.QwenConfig, recs: list[dict]) -> float:
+    """The mean over teacher_forced records of each one's FLOPs skipped (flops_skipped_pct, LM head counted)."""
+    return float(np.mean([flops_skipped_pct(cfg, r["gates"], r["length"]) for r in recs]))
+
+
 def type_summary(cfg: qwen.QwenConfig, recs: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """Skip rates, FLOPs and perplexities of one step type from its teacher_forced records."""
     closed = 1 - np.array([r["gates"] for r in recs])  # (n, L)
@@ -112,7 +119,7 @@ def type_summary(cfg: qwen.QwenConfig, recs: list[dict], n_boot: int = 1000, see
     ppl = {m: math.exp(sum(r["nll"][m] for r in recs) / tokens) for m in MODES}
     return {"n": len(recs), "target_tokens": tokens,
             "blocks_skipped_pct": float(100 * closed.mean()),
-            "flops_skipped_pct": float(np.mean([flops_skipped_pct(cfg, r["gates"], r["length"]) for r in recs])),
+            "flops_skipped_pct": mean_flops_skipped_pct(cfg, recs),
             "ppl_base": ppl["base"], "ppl_lora": ppl["lora"], "ppl_routed": ppl["routed"],
             "ppl_routed_minus_base": ppl["routed"] - ppl["base"],  # the paper's kind of delta...
             "ppl_routed_minus_lora": ppl["routed"] - ppl["lora"],  # ...and the cost of skipping itself

@@ -86,7 +86,8 @@ def is_number(v) -> bool:
 
 # What a field that config.json leaves out means, where a family's transformers config class differs from
 # Qwen2Config (the dataclass defaults): Qwen3Config's head_dim is 128 whatever the hidden size, LlamaConfig's
-# bos/eos ids are 1 and 2. max_position_embeddings is read only as llama3 RoPE's original context.
+# bos/eos ids are 1 and 2. max_position_embeddings is llama3 RoPE's original context where a config gives
+# none, and the longest request chat.py accepts.
 FAMILY_DEFAULTS = {"qwen2": {"max_position_embeddings": 32768},
                    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
                    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2}}

@@ -2408,6 +2408,8 @@ def test_eval_flops_skipped_hand_count():
     # Decode phase of a 5-token prompt + 2 new tokens: positions 5 and 6 (6 and 7 keys).
     tail = block(6) + block(7)
     assert ev.flops_skipped_pct(cfg, [0, 0, 0, 1], 7, start=5) == pytest.approx(100 * 3 * tail / (4 * tail + 2 * head))
+    # A generation: blocks at 3 positions, the head at the last only (its prefill keeps one row of logits).
+    assert ev.flops_skipped_pct(cfg, [1, 0, 1, 0], 3, heads=1) == pytest.approx(100 * 2 * blocks3 / (4 * blocks3 + head))
     assert ev.flops_skipped_pct(cfg, [1, 1, 1, 1], 9) == 0.0
 
 

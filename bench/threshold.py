@@ -42,12 +42,6 @@ def skipped_pct(recs: list[dict], kind: str) -> float:
     return 100.0 * (1 - sum(gates) / len(gates))
 
 
-def flops_pct(cfg, recs: list[dict], kind: str) -> float:
-    """Mean percent of each step's teacher-forced FLOPs its closed blocks save, LM head counted (eval.py's)."""
-    rs = [r for r in recs if r["kind"] == kind]
-    return sum(eval_.flops_skipped_pct(cfg, r["gates"], r["length"]) for r in rs) / len(rs)
-
-
 def sweep(run: str, args) -> list[dict]:
     """One row per threshold: skips, perplexity ratios and answers of one run."""
     model, tok, saved = lr.load_run(run)
@@ -73,7 +67,7 @@ def sweep(run: str, args) -> list[dict]:
                "right": sum(right), "broke": broke, "fixed": fixed}
         for kind in ("tool_call", "planning"):
             row[kind] = skipped_pct(recs, kind)
-            row[kind + "_flops"] = flops_pct(model.base.cfg, recs, kind)
+            row[kind + "_flops"] = eval_.mean_flops_skipped_pct(model.base.cfg, [r for r in recs if r["kind"] == kind])
             row[kind + "_x"] = perplexity(recs, kind, "routed") / perplexity(lora, kind, "lora")
         rows.append(row)
         print(f"{run}  threshold {t:.3f}: tool_call {row['tool_call']:5.1f}% of blocks, {row['tool_call_flops']:.1f}% of "

@@ -641,6 +641,14 @@ def function_split(name: str) -> str:
     return "test" if u < TOOL_TEST_SHARE else "val" if u < TOOL_TEST_SHARE + TOOL_VAL_SHARE else "train"
 
 
+def router_only_step(step: Step, share: float) -> bool:
+    """Whether a training tool call teaches the routers only, LoRA never fitting it: a hash of each
+    called name (salted apart from function_split) puts `share` of the functions on the routers' side,
+    and a call of any of them goes there. The routers then measure what a skip costs calls the adapter
+    has not memorised, as the test calls are."""
+    return step.kind == "tool_call" and any(_unit(f"router:{c['name']}") < share for c in step.answer)
+
+
 def record_split(source: str, rid: str, own: str | None, msgs: list[dict]) -> str:
     """A conversation's split: gsm8k's own; else its called functions' one split (Skip when they
     disagree: in any split it would share a function with another); else split_of's hash of its id."""
@@ -820,11 +828,12 @@ class Batch:
     labels: torch.Tensor       # (B, T) long: ids at target positions, -100 on prompt and padding
     prompt_lens: torch.Tensor  # (B,) long: prompt tokens per row after truncation (router pools < it)
     kinds: list[str]           # kind of each row
-    n_target: int              # target tokens in the batch: (labels != -100).sum()
+    n_target: int              # target tokens the LM loss counts: those of the rows not router_only
+    router_only: torch.Tensor  # (B,) bool: rows that teach the routers only (router_only_step)
 
 
 def collate(examples: list[tuple[list[int], list[int]]], kinds: list[str], pad_id: int,
-            pad_to: int | None = None, pad_multiple: int = 1) -> Batch:
+            pad_to: int | None = None, pad_multiple: int = 1, router_only: list[bool] | None = None) -> Batch:
     """Right-pad to the longest row, rounded up to a multiple of pad_multiple (or to pad_to: the
     reference recipe pads everything to max_len)."""
     T = pad_to or -(-max(len(p) + len(t) for p, t in examples) // pad_multiple) * pad_multiple
@@ -833,8 +842,9 @@ def collate(examples: list[tuple[list[int], list[int]]], kinds: list[str], pad_i
     for b, (p, t) in enumerate(examples):
         ids[b, :len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
         labels[b, len(p):len(p) + len(t)] = torch.tensor(t, dtype=torch.long)
+    only = torch.tensor(router_only or [False] * len(examples))
     return Batch(ids, labels, torch.tensor([len(p) for p, _ in examples]), list(kinds),
-                 sum(len(t) for _, t in examples))
+                 sum(len(t) for (_, t), o in zip(examples, only.tolist()) if not o), only)
 
 
 def _draw(rng: np.random.Generator, idx: list[int], n: int) -> np.ndarray:
@@ -869,9 +879,11 @@ def epoch_plan(kinds: list[str], lengths: list[int], batch_size: int, seed: int,
 
 def batches(encoded: list[tuple[list[int], list[int], str]], batch_size: int, max_len: int,
             pad_id: int, seed: int, tool_fraction: float | None = 0.5,
-            start: int = 0, pad_to: int | None = None, pad_multiple: int = 1) -> Iterator[Batch]:
+            start: int = 0, pad_to: int | None = None, pad_multiple: int = 1,
+            router_only: list[bool] | None = None) -> Iterator[Batch]:
     """Infinite deterministic stream of training batches, beginning at batch index `start`
-    (resume at optimiser step k with start = k * grad_accum: nothing skipped is collated)."""
+    (resume at optimiser step k with start = k * grad_accum: nothing skipped is collated).
+    router_only: per example, whether its rows teach the routers only (router_only_step)."""
     if not encoded:
         raise ValueError("batches(): no examples")
     kinds = [k for _, _, k in encoded]
@@ -881,7 +893,8 @@ def batches(encoded: list[tuple[list[int], list[int], str]], batch_size: int, ma
     while True:
         for rows in epoch_plan(kinds, lengths, batch_size, seed, epoch, tool_fraction)[skip:]:
             examples = [truncate(encoded[i][0], encoded[i][1], max_len) for i in rows]
-            yield collate(examples, [kinds[i] for i in rows], pad_id, pad_to, pad_multiple)
+            yield collate(examples, [kinds[i] for i in rows], pad_id, pad_to, pad_multiple,
+                          [router_only[i] for i in rows] if router_only else None)
         epoch, skip = epoch + 1, 0
 
 

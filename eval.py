@@ -79,9 +79,12 @@ def flops_skipped_pct(cfg: qwen.QwenConfig, gates: list[float], length: int, sta
 def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[int], str]],
                    batch_size: int = 4, pad_id: int = 0, pad_to: int | None = None,
                    modes: tuple[str, ...] = tuple(MODES)) -> list[dict]:
-    """Per example (prompt_ids, target_ids, kind): target NLL sums under each of modes, and the
-    last mode's gates and scores (the routed pass's, with the default modes). Examples are batched
-    by length (less padding), results kept in order.
+    """Per example (prompt_ids, target_ids, kind): target NLL sums under each of modes, the target
+    positions whose argmax is not the target under each ("wrong"), and the last mode's gates and
+    scores (the routed pass's, with the default modes). Examples are batched by length (less
+    padding), results kept in order.
+    Greedy decoding reproduces a target exactly if and only if its wrong count is 0: the prompt
+    pooling decides the gates from the prompt alone, as generation does (not so for "reference").
     pad_to: pad every batch to this length, as training does for the reference recipe (its router
     pools over the padding, so its gates depend on it)."""
     dev = model.base.embed_tokens.weight.device
@@ -91,17 +94,20 @@ def teacher_forced(model: lr.LayerRoute, examples: list[tuple[list[int], list[in
         rows = order[s:s + batch_size]
         b = data.collate([examples[i][:2] for i in rows], [examples[i][2] for i in rows], pad_id, pad_to)
         ids, labels, plens = b.ids.to(dev), b.labels.to(dev), b.prompt_lens.to(dev)
-        nll = {}
+        nll, wrong = {}, {}
         for name in modes:
             with mode(model, name):
                 logits = model(ids, plens)
             # labels[t] is predicted at t-1; -100 (prompt, padding) adds exactly 0 to the row's sum.
             ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none")
             nll[name] = ce.sum(1).tolist()
+            scored = labels[:, 1:] != -100
+            wrong[name] = ((logits[:, :-1].argmax(-1) != labels[:, 1:]) & scored).sum(1).tolist()
         for j, i in enumerate(rows):
             p, t, kind = examples[i]
             out[i] = {"kind": kind, "prompt_len": len(p), "length": len(p) + len(t), "n_target": len(t),
-                      "nll": {m: nll[m][j] for m in modes}, "gates": model.last_gates[j].tolist(),
+                      "nll": {m: nll[m][j] for m in modes}, "wrong": {m: wrong[m][j] for m in modes},
+                      "gates": model.last_gates[j].tolist(),
                       "scores": model.last_scores[j].tolist()}
     return out
 
@@ -124,7 +130,15 @@ def type_summary(cfg: qwen.QwenConfig, recs: list[dict], n_boot: int = 1000, see
             "ppl_routed_minus_base": ppl["routed"] - ppl["base"],  # the paper's kind of delta...
             "ppl_routed_minus_lora": ppl["routed"] - ppl["lora"],  # ...and the cost of skipping itself
             "ppl_routed_vs_lora": ppl["routed"] / ppl["lora"], "ppl_routed_vs_lora_ci95": ratio_ci(recs, n_boot, seed),
-            "per_layer_skip_pct": (100 * closed.mean(0)).tolist()}
+            "per_layer_skip_pct": (100 * closed.mean(0)).tolist(), "forced_exact": forced_exact(recs)}
+
+
+def forced_exact(recs: list[dict]) -> dict:
+    """Teacher-forced exact match (every target argmax right: what greedy decoding reproduces) per
+    mode, and the targets routing broke and fixed against LoRA-only. Free: it needs no generation."""
+    right = {m: [r["wrong"][m] == 0 for r in recs] for m in MODES}
+    broke, fixed = broke_fixed(right["lora"], right["routed"])
+    return {**{m: sum(v) / len(recs) for m, v in right.items()}, "broke": broke, "fixed": fixed}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -416,6 +430,10 @@ def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], arg
         if scored:
             t0 = time.time()
             acc, texts = task_accuracy(model, tok, [(p, kind, s.answer) for p, s in scored], args.max_new_tokens)
+            if kind == "tool_call":  # a call is right when every token is: forced_exact says the same
+                forced = {r["id"]: r["wrong"] for r in recs}
+                acc["forced_agree"] = sum((forced[s.id][m] == 0) == answer_correct(kind, t[m], s.answer)
+                                          for (_, s), t in zip(scored, texts) for m in ("lora", "routed"))
             report["types"][kind]["task_accuracy"] = acc
             report["generations"][kind] = [{"id": s.id, "answer": s.answer, **t} for (_, s), t in zip(scored, texts)]
             print(f"{kind}: generated {acc['n']} x {len(MODES)} in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -453,6 +471,11 @@ def print_table(report: dict, out=None):
         if a:
             line += (f"; of {a['n']} answers routing broke {a['lost']}, fixed {a['gained']}"
                      f" (McNemar p {a['mcnemar_p']:.3f})")
+        e = t["forced_exact"]
+        line += (f"; teacher-forced exact base / LoRA-only / routed {e['base']:.2f} / {e['lora']:.2f} / "
+                 f"{e['routed']:.2f} (routing broke {e['broke']}, fixed {e['fixed']})")
+        if a and "forced_agree" in a:
+            line += f", greedy and teacher-forced exact agree on {a['forced_agree']} of {2 * a['n']}"
         print(line, file=out)
     for key, label in (("differential", "skip differential (tool - planning, blocks)"),
                        ("length_matched", "length-matched ({pairs} pairs, bins of {bin_width} prompt tokens)"),

@@ -390,11 +390,13 @@ def row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Te
     return sums / counts.clamp(min=1)
 
 
-def measured_gate_loss(scores: torch.Tensor, cost: torch.Tensor, price: float) -> torch.Tensor:
+def measured_gate_loss(scores: torch.Tensor, cost: torch.Tensor, price: float,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
     """The router as a classifier: its score should say whether skipping its block costs this row
-    more than the price (label 1: keep the block) or less (label 0: skip it). Unweighted, so that the
-    many cheap rows count as much as the few costly ones (results/README.md, "How the defaults were chosen")."""
-    return F.binary_cross_entropy(scores.float(), (cost > price).float())
+    more than the price (label 1: keep the block) or less (label 0: skip it). Not weighted by the cost,
+    so that the many cheap rows count as much as the few costly ones (results/README.md, "How the
+    defaults were chosen"); weight (B,), if given, takes rows out (0) of the mean over rows."""
+    return F.binary_cross_entropy(scores.float(), (cost > price).float(), weight)
 
 
 def broken_targets(open_margins: torch.Tensor, closed_margins: torch.Tensor, rows: torch.Tensor, n_rows: int,
@@ -407,11 +409,11 @@ def broken_targets(open_margins: torch.Tensor, closed_margins: torch.Tensor, row
     return torch.zeros(n_rows, device=rows.device).index_add_(0, rows, broken.float())
 
 
-def argmax_gate_loss(scores: torch.Tensor, broken: torch.Tensor) -> torch.Tensor:
+def argmax_gate_loss(scores: torch.Tensor, broken: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The router as a classifier of answers: label 1 (keep the block) where skipping it breaks at least one
-    of the row's target positions (broken_targets), 0 where every position keeps its argmax. Unweighted,
-    as measured_gate_loss is."""
-    return F.binary_cross_entropy(scores.float(), (broken > 0).float())
+    of the row's target positions (broken_targets), 0 where every position keeps its argmax. Weighted as
+    measured_gate_loss is."""
+    return F.binary_cross_entropy(scores.float(), (broken > 0).float(), weight)
 
 
 def gate_loss(scores: torch.Tensor) -> torch.Tensor:

@@ -1984,6 +1984,66 @@ def test_train_lowers_the_loss(tmp_path, mode):
     assert model.counts()["trainable"] == 59_522  # q/k/v/o and MLP LoRA plus routers, as counted above
 
 
+def test_data_router_only_steps_follow_their_functions():
+    def step(kind, *names):
+        return data.Step("x:1:0", "openai", kind, "train", "", "", [{"name": n, "arguments": {}} for n in names]
+                         if kind == "tool_call" else "4")
+    names = [f"fn_{i}" for i in range(60)]
+    side = {n: data.router_only_step(step("tool_call", n), 0.3) for n in names}
+    assert 8 < sum(side.values()) < 30  # about 30% of the functions
+    assert not any(data.router_only_step(step("tool_call", n), 0.0) for n in names)
+    assert all(data.router_only_step(step("tool_call", n), 1.0) for n in names)
+    assert not data.router_only_step(step("planning"), 1.0)
+    mine, lora = next(n for n in names if side[n]), next(n for n in names if not side[n])
+    assert data.router_only_step(step("tool_call", lora, mine), 0.3)  # a call of any router-only function
+    # its own salt: the router side is not the test split's functions again
+    assert {n for n in names if side[n]} != {n for n in names if data.function_split(n) == "test"}
+
+
+def test_train_router_only_rows_teach_the_routers_alone(tmp_path):
+    import types
+    _, model = tiny_routed(tmp_path, dropout=0.0)
+    model.straight_through = False
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    torch.manual_seed(0)
+    rows = [(torch.randint(3, 300, (n_p,)).tolist(), torch.randint(3, 300, (n_t,)).tolist())
+            for n_p, n_t in [(5, 4), (7, 5), (4, 6), (6, 3)]]
+    kinds, only = ["tool_call", "tool_call", "planning", "tool_call"], [False, True, False, False]
+    args = types.SimpleNamespace(grad_accum=1, router_only=0.3, flips=4, fast=False, cost="loss", margin=0.0)
+
+    def run(b, a):
+        x = train.on_device(b, "cpu")
+        return x, train.micro_loss(model, x, b.n_target, 0.02, a, torch.Generator().manual_seed(7), contextlib.nullcontext())
+    b = data.collate(rows, kinds, 0, router_only=only)
+    assert b.n_target == 4 + 6 + 3 and b.router_only.tolist() == only  # the router-only row's 5 not counted
+    x, (lm, gate, gates, keep) = run(b, args)
+    keep_rows = [0, 2, 3]  # the LM loss is the one of the other rows alone
+    plain = data.collate([rows[i] for i in keep_rows], [kinds[i] for i in keep_rows], 0)
+    _, (lm_ref, *_) = run(plain, types.SimpleNamespace(**{**vars(args), "router_only": 0.0}))
+    assert lm.item() == pytest.approx(lm_ref.item(), rel=1e-5)
+    # The routers learn from the router-only call and the planning row, never from the calls LoRA fits:
+    # each flipped block's loss is the mean over the 4 rows of the BCE of rows 1 and 2 only.
+    scores = model.last_scores
+    by_hand = sum(-(keep[b, j] * scores[b, k].log() + (1 - keep[b, j]) * (1 - scores[b, k]).log()) / 4
+                  for j, k in enumerate(train.flipped_blocks(4, 4, torch.Generator().manual_seed(7))) for b in (1, 2))
+    assert gate.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert train.TOOL_CALL == data.KINDS.index("tool_call")
+
+
+def test_train_router_only_runs_and_says_what_it_holds_out(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(train_args(tmp_path, "--steps", "2", "--gate-grad", "measured", "--router-only", "0.5", "--out", str(out)))
+    said = re.search(r"router-only: (\d+) of the (\d+) training tool calls", capsys.readouterr().err)
+    assert said and 0 < int(said[1]) < int(said[2])
+    assert lr.read_settings(str(out))[1]["router_only"] == 0.5
+    with pytest.raises(SystemExit):
+        train.parse_args(["--router-only", "0.5", "--gate-grad", "ste"])
+    assert "--router-only needs --gate-grad measured" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("price,init,skipped,dtype", [(100.0, "neutral", 100.0, "float32"),
                                                       (-100.0, "band", 0.0, "bfloat16")])  # + the autocast path
 def test_train_measured_gates_follow_the_price(tmp_path, price, init, skipped, dtype):
@@ -2435,21 +2495,28 @@ def test_eval_skips_and_perplexities_match_a_direct_computation(tmp_path, one_th
                     lo = getattr(getattr(mine, part), name)
                     getattr(getattr(blk, part), name).weight += lo.scale * lo.lora_B @ lo.lora_A
 
-    def nll(net, p, t, blocks):
+    def target_logits(net, p, t, blocks):
         ids = torch.tensor([p + t])
         with torch.no_grad():
             h = net.embed_tokens(ids)
             cos, sin = net.rope(0, ids.shape[1], ids.device, h.dtype)
             for i in blocks:
                 h = net.layers[i](h, cos, sin)
-            logits = net.lm_head(net.norm(h))[0, len(p) - 1:-1]
-        return torch.nn.functional.cross_entropy(logits, torch.tensor(t), reduction="sum").item()
+            return net.lm_head(net.norm(h))[0, len(p) - 1:-1]
+
+    def nll(net, p, t, blocks):
+        return torch.nn.functional.cross_entropy(target_logits(net, p, t, blocks), torch.tensor(t), reduction="sum").item()
+
+    def wrong(net, p, t, blocks):
+        return int((target_logits(net, p, t, blocks).argmax(-1) != torch.tensor(t)).sum())
 
     for (p, t, _), r in zip(examples, recs):
         assert r["gates"] == [1.0, 0.0, 1.0, 0.0] and r["prompt_len"] == len(p)
         assert r["nll"]["base"] == pytest.approx(nll(base, p, t, range(4)), rel=1e-4)
         assert r["nll"]["lora"] == pytest.approx(nll(merged, p, t, range(4)), rel=1e-4)
         assert r["nll"]["routed"] == pytest.approx(nll(merged, p, t, [0, 2]), rel=1e-4)
+        assert r["wrong"] == {"base": wrong(base, p, t, range(4)), "lora": wrong(merged, p, t, range(4)),
+                              "routed": wrong(merged, p, t, [0, 2])}
     tool = ev.type_summary(model.base.cfg, [r for r in recs if r["kind"] == "tool_call"])
     ref_base = sum(nll(base, p, t, range(4)) for p, t, k in examples if k == "tool_call") / 10  # 4 + 6 tokens
     assert tool["ppl_base"] == pytest.approx(float(torch.tensor(ref_base).exp()), rel=1e-4)
@@ -2459,6 +2526,28 @@ def test_eval_skips_and_perplexities_match_a_direct_computation(tmp_path, one_th
     ref_ratio = math.exp(sum(nll(merged, p, t, [0, 2]) - nll(merged, p, t, range(4))
                              for p, t, k in examples if k == "tool_call") / 10)
     assert tool["ppl_routed_vs_lora"] == pytest.approx(ref_ratio, rel=1e-4)
+
+
+def test_eval_teacher_forced_exact_is_greedy_decoding_reproducing_the_target(tmp_path, one_thread):
+    """wrong == 0 exactly when greedy generation (KV cache, gates decided at prefill) gives the target:
+    targets that are each model's own greedy continuation, and the same with one token changed."""
+    _, model = tiny_routed(tmp_path, dropout=0.0)
+    set_routers(model, [5.0, -5.0, 5.0, -5.0])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    model.eval()
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 8)]
+    for name in ev.MODES:
+        with ev.mode(model, name):
+            own = [qwen.generate(model, torch.tensor([p]), 6)[0] for p in prompts]
+        bent = [t[:3] + [(t[3] + 1) % 300] + t[4:] for t in own]  # the 4th token no longer the argmax
+        recs = ev.teacher_forced(model, [(p, t, "tool_call") for p, t in zip(prompts * 2, own + bent)], batch_size=3)
+        assert [r["wrong"][name] for r in recs[:2]] == [0, 0]
+        assert all(r["wrong"][name] >= 1 for r in recs[2:])
+        assert ev.forced_exact(recs)[name] == 0.5
 
 
 def test_eval_perplexity_ratio_ci_resamples_whole_steps():
@@ -2894,8 +2983,10 @@ def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path,
     spec.loader.exec_module(bench)
     train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
     rows = bench.main(["--runs", str(tmp_path / "run"), "--split", "val", "--n", "3", "--thresholds", "0.5,0.0",
-                       "--max-new-tokens", "3", "--label", "ours", "--out", str(tmp_path / "ours.json")])
+                       "--max-new-tokens", "3", "--generate", "--label", "ours", "--out", str(tmp_path / "ours.json")])
     assert [r["threshold"] for r in rows] == [0.5, 0.0] and rows[1]["tool_call"] == 0.0 == rows[1]["tool_call_flops"]
+    assert rows[1]["broke"] == rows[1]["fixed"] == 0 == rows[1]["greedy_broke"]  # every gate open: LoRA-only itself
+    assert rows[0]["greedy_lora_right"] <= rows[0]["calls"] and rows[0]["right"] <= rows[0]["calls"]
     saved = json.loads((tmp_path / "ours.json").read_text())
     assert saved["label"] == "ours" and saved["rows"] == rows
     (tmp_path / "other.json").write_text(json.dumps({**saved, "label": "other", "runs": ["a", "b"],

@@ -62,6 +62,7 @@ RECIPES = {
 # threshold, as they cannot misprice a block they close.
 GATE_DEFAULTS = {"ste": dict(router_lr_mult=30.0, router_bias=1.0),
                  "measured": dict(router_lr_mult=300.0, router_bias=0.3)}
+TOOL_CALL = 0  # data.KINDS.index("tool_call"), as on_device numbers the kinds
 MAX_DEFAULT_FLIPS = 6  # a short trial run must not rerun every block per micro-batch
 
 
@@ -116,6 +117,10 @@ def parser() -> argparse.ArgumentParser:
                    "loss: the change of its mean target loss, against --price; argmax: whether skipping the block "
                    "breaks a target position whose teacher-forced argmax is right (greedy decoding would then write "
                    "another token), the target's lead over the best other token falling to --margin or below")
+    p.add_argument("--router-only", type=qwen.number(float, lo=0, hi=1), default=0.0, help="measured: the share of "
+                   "the training tool calls' functions whose calls teach the routers only (data.router_only_step): "
+                   "LoRA never fits them, and the routers learn from them and the other kinds' rows, not from "
+                   "the calls LoRA fits, whose skips cost what they would not cost an unseen call")
     p.add_argument("--margin", type=qwen.number(float, lo=0), default=0.0, help="argmax cost: a lead (in logits) "
                    "that skipping may not push the target's below; 0 counts only argmaxes turned wrong")
     p.add_argument("--gate-lambda", type=qwen.number(float, lo=0), default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
@@ -165,6 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.cost == "argmax" and args.gate_grad != "measured":
         p.error("--cost argmax needs --gate-grad measured: only measured gates price their flips")
+    if args.router_only and args.gate_grad != "measured":
+        p.error("--router-only needs --gate-grad measured: a straight-through router learns from the LM loss, "
+                "which router-only rows do not have")
     if args.cost == "argmax" and args.skip_target is not None:
         p.error("--cost argmax with --skip-target: dual ascent moves the price, which the argmax cost does not use")
     args.fast = args.device.startswith("cuda") if args.fast is None else args.fast
@@ -220,12 +228,19 @@ def training_batches(args, model, start: int):
     train = [s for s in steps if s.split == "train"]
     kinds = {k: sum(s.kind == k for s in train) for k in data.KINDS}
     print(f"data: {len(train)} training steps, " + ", ".join(f"{k} {v}" for k, v in kinds.items()), file=sys.stderr)
+    only = [data.router_only_step(s, args.router_only) for s in train] if args.router_only else None
+    if only is not None:
+        print(f"router-only: {sum(only)} of the {kinds['tool_call']} training tool calls (--router-only "
+              f"{args.router_only:g} of their functions) teach the routers alone", file=sys.stderr)
+        if sum(only) in (0, kinds["tool_call"]):
+            raise ValueError(f"--router-only {args.router_only:g} leaves {'no' if not sum(only) else 'every'} "
+                             "training tool call to the routers alone: choose a share that splits them")
     encoded = data.encode_all(train, tok)
     pad = data.pad_id(tok)
     frac = None if args.tool_fraction < 0 else args.tool_fraction
     pad_to = args.max_len if args.pooling == "reference" else None
     return data.batches(encoded, args.batch_size, args.max_len, pad, args.seed, frac, start=start, pad_to=pad_to,
-                        pad_multiple=args.pad_multiple)
+                        pad_multiple=args.pad_multiple, router_only=only)
 
 
 def synthetic_batches(args, vocab: int, start: int):
@@ -380,11 +395,13 @@ def flipped_blocks(layers: int, flips: int, g: torch.Generator) -> list[int]:
 
 
 def measured_router_loss(model, x: dict, token_loss, scores, gates, inputs, price, flips: int,
-                         g: torch.Generator, autocast, fixed: bool, cost: str = "loss", margin: float = 0.0):
+                         g: torch.Generator, autocast, fixed: bool, cost: str = "loss", margin: float = 0.0,
+                         weight: torch.Tensor | None = None):
     """Flip `flips` blocks (a fresh draw each micro-batch), measure what closing each costs every row, and
     return the routers' classification loss and its labels (B, flips): 1 where the block should stay. cost
     "loss": closing costs more than the price in nats per target token; "argmax": closing breaks a target
-    position the open block gets right (lr.broken_targets with `margin`)."""
+    position the open block gets right (lr.broken_targets with `margin`). weight (B,): 0 for a row the
+    routers do not learn from (the loss stays a mean over every row, so ranks' losses still add up)."""
     blocks = flipped_blocks(len(model.routers), flips, g)
     rows, at = x["ids"].shape[0], x["target_rows"]
     if cost == "loss":
@@ -404,13 +421,13 @@ def measured_router_loss(model, x: dict, token_loss, scores, gates, inputs, pric
             # closed minus open, per row. The rerun draws fresh LoRA dropout in blocks k..; that noise is about a
             # tenth of the default price (results/README.md, "Notes behind the code").
             row_cost = torch.where(open_now, flipped - now, now - flipped)
-            loss = loss + lr.measured_gate_loss(scores[:, k], row_cost, price)
+            loss = loss + lr.measured_gate_loss(scores[:, k], row_cost, price, weight)
             keep.append(row_cost > price)
         else:
             open_t = open_now[at]  # (N,) each target's row: is block k open in the pass?
             broken = lr.broken_targets(torch.where(open_t, now, flipped), torch.where(open_t, flipped, now), at,
                                        rows, margin)
-            loss = loss + lr.argmax_gate_loss(scores[:, k], broken)
+            loss = loss + lr.argmax_gate_loss(scores[:, k], broken, weight)
             keep.append(broken > 0)
     return loss, torch.stack(keep, 1).float()
 
@@ -425,26 +442,31 @@ def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generat
     with autocast:  # the head and the loss run only where the next token is a target
         token_loss, scores, gates, inputs = model.train_forward(
             x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast, keep_inputs=measured)
-    lm = token_loss.sum() / n_target
+    only = x["router_only"]
+    # Router-only rows run the pass (the flips need it) but add nothing to the LM loss; the routers learn
+    # from them and the other kinds' rows, not from the tool calls LoRA fits.
+    lm = (token_loss * (~only)[x["target_rows"]]).sum() / n_target
+    weight = (only | (x["kinds"] != TOOL_CALL)).float() if args.router_only else None
     # The gate losses are means over this rank's rows: times its share of the rows, they sum over the
     # ranks to the mean over the whole micro-batch, as one process has it.
     if not measured:
         return lm, lam * lr.gate_loss(scores) * share / args.grad_accum, gates, None
     gate, keep = measured_router_loss(model, x, token_loss.detach(), scores, gates, inputs, lam, args.flips,
-                                      flip_rng, autocast, args.fast, args.cost, args.margin)
+                                      flip_rng, autocast, args.fast, args.cost, args.margin, weight)
     return lm, gate * share / args.grad_accum, gates, keep
 
 
 def on_device(b, device: str) -> dict:
     """The batch's tensors on the device, its target positions found on the host first, so that the
     step never waits for the GPU: target_idx (N,) flat positions b * T + t whose next token is a target,
-    targets (N,), target_rows (N,), kinds (B,) as indices of data.KINDS. Pinned copies run asynchronously."""
+    targets (N,), target_rows (N,), kinds (B,) as indices of data.KINDS, router_only (B,). Pinned copies run
+    asynchronously."""
     import data
     at = F.pad(b.labels[:, 1:] != -100, (0, 1))  # (B, T); labels[t] is what position t-1 predicts
     target_idx = at.flatten().nonzero().squeeze(1)
     tensors = {"ids": b.ids, "prompt_lens": b.prompt_lens, "target_idx": target_idx,
                "targets": b.labels[:, 1:][at[:, :-1]], "target_rows": target_idx // b.ids.shape[1],
-               "kinds": torch.tensor([data.KINDS.index(k) for k in b.kinds])}
+               "kinds": torch.tensor([data.KINDS.index(k) for k in b.kinds]), "router_only": b.router_only}
     pin = device.startswith("cuda")
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in tensors.items()}
 
@@ -551,10 +573,10 @@ def share_of(b, ranks: Ranks):
     if ranks.size == 1:
         return b
     rows = slice(ranks.rank, None, ranks.size)
-    labels = b.labels[rows].contiguous()
+    labels, only = b.labels[rows].contiguous(), b.router_only[rows].contiguous()
     return dataclasses.replace(b, ids=b.ids[rows].contiguous(), labels=labels,
                                prompt_lens=b.prompt_lens[rows].contiguous(), kinds=b.kinds[rows],
-                               n_target=int((labels != -100).sum()))
+                               n_target=int((labels[~only] != -100).sum()), router_only=only)
 
 
 def same_start(params: list):
@@ -696,9 +718,10 @@ def train_steps(args: argparse.Namespace, ranks: Ranks, stop_at: int | None) -> 
         flip_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         micro = [next(batches) for _ in range(args.grad_accum)]  # every rank draws every micro-batch
         n_target = sum(b.n_target for b in micro)  # the loss is per target token of the whole step, every rank's
-        if n_target == 0:
+        if not any((b.labels != -100).any() for b in micro):
             raise ValueError(f"step {step + 1}: no target token in its rows (--max-len {args.max_len} leaves "
                              "no room for an answer?)")
+        n_target = max(n_target, 1)  # a step of router-only rows alone has no LM loss
         lm_step = gate_step = closed_step = 0.0  # device tensors after the first micro-batch: read at log lines
         for b in micro:
             mine = share_of(b, ranks)

@@ -4,9 +4,11 @@ Training opens a gate when its router's score is above 0.5. At inference the thr
 lowered, so that only the skips a router is surest of are taken: each input then closes its own
 number of blocks, those whose score is below the threshold. For each threshold and each run, on
 eval.py's sample of --split: blocks skipped per type, the skip differential, routed / LoRA-only
-perplexity per type (token-weighted), and the greedy exact match of the tool calls, with the
-answers routing broke and fixed against LoRA-only (every block on). With several runs, the broken
-and fixed answers are pooled per threshold (McNemar). --out saves the rows under a --label;
+perplexity per type (token-weighted), and the exact match of the tool calls, with the answers
+routing broke and fixed against LoRA-only (every block on). Exact match is teacher-forced: every
+target token the argmax, which is what greedy decoding reproduces, at the cost of one forward pass;
+--generate also decodes each call (greedy_* fields). With several runs, the broken and fixed
+answers are pooled per threshold (McNemar). --out saves the rows under a --label;
 --plot draws tool-call exact match against tool-call FLOPs skipped (LM head counted), pooled over
 the runs of each saved file, one curve per file: a recipe's trade-off, threshold by threshold.
 
@@ -42,9 +44,17 @@ def skipped_pct(recs: list[dict], kind: str) -> float:
     return 100.0 * (1 - sum(gates) / len(gates))
 
 
+def exact(recs: list[dict], name: str) -> list[bool]:
+    """Per tool call: teacher-forced exact under mode name (eval.teacher_forced's wrong count is 0)."""
+    return [r["wrong"][name] == 0 for r in recs if r["kind"] == "tool_call"]
+
+
 def sweep(run: str, args) -> list[dict]:
     """One row per threshold: skips, perplexity ratios and answers of one run."""
     model, tok, saved = lr.load_run(run)
+    if model.pooling == "reference" and not args.generate:
+        raise SystemExit(f"{run}: a reference-recipe run's teacher-forced gates see the answer and the padding, "
+                         "its generation's do not: give --generate")
     max_len = saved["max_len"]
     steps = data.fitting(data.load_steps(args.data_dir or saved.get("data_dir"))[0], tok, max_len)[0]
     by_kind = eval_.pick(steps, args.split, args.n, args.seed)
@@ -53,18 +63,24 @@ def sweep(run: str, args) -> list[dict]:
     calls = [(p, "tool_call", s.answer) for (p, _), s in zip(enc["tool_call"], by_kind["tool_call"])]
     pad = data.pad_id(tok)
     lora = eval_.teacher_forced(model, examples, args.batch_size, pad, modes=("lora",))
-    with eval_.mode(model, "lora"):
-        lora_right, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+    lora_right = exact(lora, "lora")
+    if args.generate:
+        with eval_.mode(model, "lora"):
+            greedy_lora, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
     rows = []
     for t in args.thresholds:
         t0 = time.time()
         model.threshold = t
         recs = eval_.teacher_forced(model, examples, args.batch_size, pad, modes=("routed",))
-        with eval_.mode(model, "routed"):
-            right, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+        right = exact(recs, "routed")
         broke, fixed = eval_.broke_fixed(lora_right, right)
         row = {"run": run, "threshold": t, "calls": len(calls), "lora_right": sum(lora_right),
                "right": sum(right), "broke": broke, "fixed": fixed}
+        if args.generate:
+            with eval_.mode(model, "routed"):
+                greedy, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+            row.update(zip(("greedy_broke", "greedy_fixed"), eval_.broke_fixed(greedy_lora, greedy)),
+                       greedy_lora_right=sum(greedy_lora), greedy_right=sum(greedy))
         for kind in ("tool_call", "planning"):
             row[kind] = skipped_pct(recs, kind)
             row[kind + "_flops"] = eval_.mean_flops_skipped_pct(model.base.cfg, [r for r in recs if r["kind"] == kind])
@@ -74,7 +90,8 @@ def sweep(run: str, args) -> list[dict]:
               f"FLOPs (x{row['tool_call_x']:.3f}), "
               f"planning {row['planning']:5.2f}% (x{row['planning_x']:.3f}), differential "
               f"{row['tool_call'] - row['planning']:+.1f} points; exact match {row['lora_right']}/{len(calls)} LoRA-only, "
-              f"{row['right']}/{len(calls)} routed (broke {row['broke']}, fixed {row['fixed']}) "
+              f"{row['right']}/{len(calls)} routed (broke {row['broke']}, fixed {row['fixed']}; teacher-forced)"
+              + (f"; greedy {row['greedy_lora_right']} and {row['greedy_right']}" if args.generate else "") + f" "
               f"[{time.time() - t0:.0f} s]", flush=True)
     return rows
 
@@ -110,7 +127,7 @@ def plot(files: list[str], out: str):
                         xytext=(3, 3), textcoords="offset points")
         ax.axhline(100 * points[0]["lora_exact"], color=line.get_color(), ls=":", lw=1)
     ax.set_xlabel("tool-call FLOPs skipped, LM head counted (%)")
-    ax.set_ylabel("tool-call exact match, greedy (%)")
+    ax.set_ylabel("tool-call exact match, teacher-forced (%)")
     ax.set_title("Answers kept against compute skipped (dotted: LoRA-only; labels: threshold)", fontsize=9)
     ax.set_ylim(0, 100)
     ax.set_xlim(left=0)
@@ -131,7 +148,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--n", type=int, default=200, help="at most this many steps per type (eval.py's sample)")
     p.add_argument("--thresholds", default="0.5,0.4,0.3,0.2,0.1",
                    type=lambda s: [float(x) for x in s.split(",")], help="comma-separated, each in [0, 1]")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--generate", action="store_true", help="also greedy-decode each call (slow on a CPU)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="with --generate: the decoding length cap")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="seed of eval.py's step sample")
     p.add_argument("--threads", type=int, help="CPU threads for torch")

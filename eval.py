@@ -590,6 +590,13 @@ def read_report(run: str) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
+def kinds_list(text: str) -> list[str]:
+    kinds = text.split(",")
+    if not kinds or any(k not in data.KINDS for k in kinds):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated types of {', '.join(data.KINDS)}")
+    return kinds
+
+
 def parser() -> argparse.ArgumentParser:
     p = qwen.Parser(description="Evaluate LayerRoute runs (skip rates, FLOPs, perplexity, accuracy, speed).")
     which = p.add_mutually_exclusive_group(required=True)
@@ -599,6 +606,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"], help="'all': every step "
                    "(held-out collections); train: rows LoRA trained on, to see what fitting them hides")
     p.add_argument("--n", type=qwen.number(int, lo=1), help="at most this many steps per type (default: all of the split)")
+    p.add_argument("--kinds", type=kinds_list, default=",".join(data.KINDS), help="comma-separated step types to "
+                   "evaluate (the differential needs tool_call and planning)")
     p.add_argument("--gen-n", type=qwen.number(int, lo=0), default=20, help="steps per type to generate for task accuracy "
                    "(0: none; generation is most of the time on a CPU)")
     p.add_argument("--max-new-tokens", type=qwen.number(int, lo=1), default=256, help="generation length cap for task accuracy")
@@ -670,16 +679,16 @@ def main(argv=None) -> dict:
     steps, dropped = data.fitting(steps, tok, args.max_len)
     summary["too_long"] = {"max_len": args.max_len, "dropped": dropped}
     print(data.skip_report(summary), file=sys.stderr)
-    by_kind = pick(steps, args.split, args.n, args.seed)
+    by_kind = {k: ss for k, ss in pick(steps, args.split, args.n, args.seed).items() if k in args.kinds}
     if not by_kind:
-        raise ValueError(f"{data_dir}: no steps in split '{args.split}'")
+        raise ValueError(f"{data_dir}: no {'/'.join(args.kinds)} steps in split '{args.split}'")
     report, recs = evaluate(model, tok, by_kind, args)
     report["settings"] = {**{k: v for k, v in vars(args).items() if k != "runs"}, "data_dir": data_dir,
                           "run_dir": os.path.abspath(args.run), "too_long": summary["too_long"],
                           "device": f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device,
                           "run": {k: run.get(k) for k in ("model", "seed", "step", "steps", "max_len", "gate_grad",
-                                                          "gate_lambda", "price", "flips", "cost", "margin")}}
-    report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "n_target", "nll", "gates", "scores")}
+                                                          "gate_lambda", "price", "flips", "cost", "margin", "router_only")}}
+    report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "n_target", "nll", "wrong", "gates", "scores")}
                           for r in recs]
     print_table(report)  # first: a write that fails loses no result
     lr.write_json(out, report, indent=1)

@@ -129,6 +129,9 @@ class LayerRoute(nn.Module):
         # loss differences (flip_losses); True: the paper's straight-through gradient, every block computed.
         self.straight_through = False
         self.block_inputs: list[torch.Tensor] | None = None  # set to [] to keep each block's input h
+        # Training only: each row skips each block with this probability on top of its router's gate
+        # (LayerSkip's layer dropout), so that LoRA learns to do without any one block.
+        self.block_drop = 0.0
         # True: training keeps each block's input only and recomputes the block in backward (memory for
         # bigger models, at about one more forward pass)
         self.checkpoint_blocks = False
@@ -191,11 +194,12 @@ class LayerRoute(nn.Module):
         mix = self.training and torch.is_grad_enabled() and self.straight_through
         if self.block_inputs is not None:
             self.block_inputs = []
+        keep = self.kept_blocks(B, ids.device)
         scores, gates = [], []
         for i, block in enumerate(base.layers):
             if prefill:
                 s = self.route(i, h, prompt_lens)  # (B,)
-                g = self.gate(s)
+                g = self.gate(s) * keep[:, i]
             else:
                 s = g = cache.gates[:, i]
             scores.append(s)
@@ -244,11 +248,13 @@ class LayerRoute(nn.Module):
         h = base.embed_tokens(ids)  # (B, T, d)
         cos, sin = base.rope(0, ids.shape[1], ids.device, h.dtype)
         inputs, scores, gates = [], [], []
+        keep = self.kept_blocks(ids.shape[0], ids.device)
         for i, block in enumerate(base.layers):
             if keep_inputs:
                 inputs.append(h.detach())
             h, s, g = self.recomputed(self.routed_block, block, self.routers[i], h, cos, sin, prompt_lens,
-                                      self.pooling, self.threshold, self.open_gates, self.straight_through)
+                                      self.pooling, self.threshold, self.open_gates, self.straight_through,
+                                      keep[:, i])
             scores.append(s)
             gates.append(g)
         losses = self.target_loss(base.norm, base.lm_head, h, target_idx, targets)
@@ -298,6 +304,13 @@ class LayerRoute(nn.Module):
         self.routed_block = torch.compile(routed_block, **options)
         self.gated = torch.compile(gated, **options)
         self.target_loss = torch.compile(target_loss, **options)
+
+    def kept_blocks(self, batch: int, device) -> torch.Tensor:
+        """(B, L) 1 where a row may run a block, 0 where block_drop skips it at random (training only)."""
+        L = len(self.base.layers)
+        if not (self.block_drop and self.training and torch.is_grad_enabled()):
+            return torch.ones(batch, L, device=device)
+        return (torch.rand(batch, L, device=device) >= self.block_drop).float()
 
     def recomputed(self, fn, *args):
         """fn(*args); with checkpoint_blocks in training, its activations are recomputed in backward
@@ -359,10 +372,11 @@ def gated(block: nn.Module, h: torch.Tensor, g: torch.Tensor, cos, sin) -> torch
     return g3 * block(h, cos, sin) + (1 - g3) * h
 
 
-def routed_block(block, router, h, cos, sin, prompt_lens, pooling, threshold, open_gates, straight_through):
-    """One block of the fixed-shape pass: its router decides, then gated(). (h, scores, gates)."""
+def routed_block(block, router, h, cos, sin, prompt_lens, pooling, threshold, open_gates, straight_through, keep):
+    """One block of the fixed-shape pass: its router decides, then gated(). (h, scores, gates).
+    keep (B,): 0 where the row skips the block whatever its router says (block_drop)."""
     s = router_score(router, block.input_layernorm, h, prompt_lens, pooling)
-    g = gate_of(s, threshold, open_gates, straight_through)
+    g = gate_of(s, threshold, open_gates, straight_through) * keep
     return gated(block, h, g, cos, sin), s, g
 
 

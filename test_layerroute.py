@@ -2033,12 +2033,46 @@ def test_train_router_only_rows_teach_the_routers_alone(tmp_path):
     assert train.TOOL_CALL == data.KINDS.index("tool_call")
 
 
-def test_train_router_only_runs_and_says_what_it_holds_out(tmp_path, capsys):
+def test_layerroute_block_drop_skips_blocks_at_random_in_training_only(tmp_path):
+    base, model = tiny_routed(tmp_path, dropout=0.0)
+    set_routers(model, [5.0] * 4)  # every router opens its block: what closes is block_drop's alone
+    model.block_drop = 0.5
+    torch.manual_seed(0)
+    ids, prompt_lens = torch.randint(3, 300, (6, 9)), torch.full((6,), 4)
+    target_idx = torch.tensor([b * 9 + t for b in range(6) for t in range(3, 8)])
+    targets = ids.flatten()[target_idx + 1]
+    model.train()
+    runs = {}
+    for fixed in (False, True):
+        torch.manual_seed(1)
+        runs[fixed] = model.train_forward(ids, prompt_lens, target_idx, targets, fixed)
+    (loss, _, gates, _), (loss_fixed, _, gates_fixed, _) = runs[False], runs[True]
+    assert torch.equal(gates, gates_fixed) and 0.2 < (1 - gates).mean() < 0.8  # the same draw in both passes
+    torch.testing.assert_close(loss, loss_fixed)
+    with torch.no_grad():  # by hand: each row through the blocks its draw kept
+        h = base.embed_tokens(ids)
+        cos, sin = base.rope(0, 9, ids.device, h.dtype)
+        for i in range(4):
+            h = torch.where(gates[:, i, None, None] > 0, base.layers[i](h, cos, sin), h)
+        ref = torch.nn.functional.cross_entropy(base.lm_head(base.norm(h)).flatten(0, 1)[target_idx], targets,
+                                                reduction="none")
+    torch.testing.assert_close(loss.detach(), ref)
+    with torch.no_grad():
+        model(ids, prompt_lens)
+    assert model.last_gates.min() == 1  # no gradient: no drop
+    model.eval()
+    model.train_forward(ids, prompt_lens, target_idx, targets)
+    assert model.last_gates.min() == 1  # eval mode: no drop
+
+
+def test_train_router_only_and_block_drop_run_and_are_recorded(tmp_path, capsys):
     out = tmp_path / "run"
     train.train(train_args(tmp_path, "--steps", "2", "--gate-grad", "measured", "--router-only", "0.5", "--out", str(out)))
     said = re.search(r"router-only: (\d+) of the (\d+) training tool calls", capsys.readouterr().err)
     assert said and 0 < int(said[1]) < int(said[2])
     assert lr.read_settings(str(out))[1]["router_only"] == 0.5
+    train.train(train_args(tmp_path, "--steps", "2", "--block-drop", "0.3", "--out", str(tmp_path / "drop")))
+    assert lr.read_settings(str(tmp_path / "drop"))[1]["block_drop"] == 0.3
     with pytest.raises(SystemExit):
         train.parse_args(["--router-only", "0.5", "--gate-grad", "ste"])
     assert "--router-only needs --gate-grad measured" in capsys.readouterr().err

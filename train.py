@@ -121,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
                    "the training tool calls' functions whose calls teach the routers only (data.router_only_step): "
                    "LoRA never fits them, and the routers learn from them and the other kinds' rows, not from "
                    "the calls LoRA fits, whose skips cost what they would not cost an unseen call")
+    p.add_argument("--block-drop", type=qwen.number(float, lo=0, below=1), default=0.0, help="training only: the "
+                   "chance that a row skips a block whatever its router says (LayerSkip's layer dropout), so that "
+                   "LoRA learns to do without any one block; the logged skip shares count these skips too")
     p.add_argument("--margin", type=qwen.number(float, lo=0), default=0.0, help="argmax cost: a lead (in logits) "
                    "that skipping may not push the target's below; 0 counts only argmaxes turned wrong")
     p.add_argument("--gate-lambda", type=qwen.number(float, lo=0), default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
@@ -211,6 +214,7 @@ def wrap(base: qwen.Qwen2, args: argparse.Namespace) -> lr.LayerRoute:
                           args.lora_targets)
     model.straight_through = args.gate_grad == "ste"
     model.checkpoint_blocks = args.checkpoint_blocks  # read by LayerRoute's training pass
+    model.block_drop = args.block_drop
     return model
 
 

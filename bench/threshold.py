@@ -57,7 +57,7 @@ def sweep(run: str, args) -> list[dict]:
                          "its generation's do not: give --generate")
     max_len = saved["max_len"]
     steps = data.fitting(data.load_steps(args.data_dir or saved.get("data_dir"))[0], tok, max_len)[0]
-    by_kind = eval_.pick(steps, args.split, args.n, args.seed)
+    by_kind = {k: ss for k, ss in eval_.pick(steps, args.split, args.n, args.seed).items() if k in eval_.PAIR}
     enc = {k: [data.encode(s, tok, max_len) for s in ss] for k, ss in by_kind.items()}
     examples = [(p, t, k) for k, pts in enc.items() for p, t in pts]
     calls = [(p, "tool_call", s.answer) for (p, _), s in zip(enc["tool_call"], by_kind["tool_call"])]

@@ -262,6 +262,21 @@ class LayerRoute(nn.Module):
         return losses, self.last_scores, self.last_gates, inputs + [h.detach()] if keep_inputs else None
 
     @torch.no_grad()
+    def open_probs(self, ids: torch.Tensor, prompt_lens: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """The next-token distribution (N, vocab), float32, at the flat positions target_idx, of this model
+        with every gate open and no dropout: the teacher of train.py's --distill."""
+        was_training, was_open, self.block_inputs = self.training, self.open_gates, None
+        self.eval()
+        self.open_gates = True
+        try:
+            h = self(ids, prompt_lens, return_hidden=True)
+            logits = self.base.lm_head(self.base.norm(h.flatten(0, 1).index_select(0, target_idx)))
+        finally:
+            self.train(was_training)
+            self.open_gates = was_open
+        return logits.float().softmax(-1)
+
+    @torch.no_grad()
     def flip_losses(self, k: int, inputs: list[torch.Tensor], gates: torch.Tensor, target_idx: torch.Tensor,
                     targets: torch.Tensor, target_rows: torch.Tensor, fixed: bool = False) -> torch.Tensor:
         """Each row's mean target loss (nats/token) had block k's gate been the other way in the pass
@@ -382,7 +397,8 @@ def routed_block(block, router, h, cos, sin, prompt_lens, pooling, threshold, op
 
 def target_loss(norm: nn.Module, head: nn.Module, h: torch.Tensor, target_idx: torch.Tensor,
                 targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (N,) in nats at the flat positions target_idx of h (B, T, d): the head runs there only."""
+    """Cross-entropy (N,) in nats at the flat positions target_idx of h (B, T, d): the head runs there only.
+    targets: token ids (N,), or distributions (N, vocab) (train.py's --distill)."""
     return F.cross_entropy(head(norm(h.flatten(0, 1).index_select(0, target_idx))).float(), targets,
                            reduction="none")
 

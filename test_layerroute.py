@@ -2065,13 +2065,47 @@ def test_layerroute_block_drop_skips_blocks_at_random_in_training_only(tmp_path)
     assert model.last_gates.min() == 1  # eval mode: no drop
 
 
+def test_train_distill_mixes_the_gates_open_distribution_into_the_targets(tmp_path, capsys):
+    import types
+    _, model = tiny_routed(tmp_path, dropout=0.0)
+    set_routers(model, [5.0, -5.0, 5.0, -5.0])  # blocks 1 and 3 closed: the routed pass is not the teacher
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    torch.manual_seed(0)
+    rows = [(torch.randint(3, 300, (n_p,)).tolist(), torch.randint(3, 300, (n_t,)).tolist()) for n_p, n_t in [(5, 4), (7, 5)]]
+    b = data.collate(rows, ["tool_call", "planning"], 0)
+    x = train.on_device(b, "cpu")
+    args = types.SimpleNamespace(grad_accum=1, router_only=0.0, flips=2, fast=False, cost="loss", margin=0.0)
+    model.train()
+
+    def lm(a):
+        out = train.micro_loss(model, x, b.n_target, 0.02, types.SimpleNamespace(**vars(args), distill=a),
+                               torch.Generator().manual_seed(7), contextlib.nullcontext())
+        assert model.open_gates is False and model.training and model.last_gates[:, 1].max() == 0  # restored
+        return out[0].item()
+    with torch.no_grad():  # by hand: the teacher is LoRA-only (every block on), the student the routed model
+        logp = {}
+        for name in ("lora", "routed"):
+            with ev.mode(model, name):
+                logp[name] = model(x["ids"], x["prompt_lens"]).flatten(0, 1)[x["target_idx"]].float().log_softmax(-1)
+    ce = -logp["routed"].gather(1, x["targets"][:, None]).squeeze(1)
+    soft = -(logp["lora"].exp() * logp["routed"]).sum(1)  # cross-entropy against the teacher's distribution
+    assert lm(0.0) == pytest.approx(ce.sum().item() / b.n_target, rel=1e-5)
+    assert lm(0.3) == pytest.approx((0.7 * ce + 0.3 * soft).sum().item() / b.n_target, rel=1e-5)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--distill", "0.3", "--gate-grad", "measured", "--cost", "argmax"])
+    assert "--distill with --cost argmax" in capsys.readouterr().err
+
+
 def test_train_router_only_and_block_drop_run_and_are_recorded(tmp_path, capsys):
     out = tmp_path / "run"
     train.train(train_args(tmp_path, "--steps", "2", "--gate-grad", "measured", "--router-only", "0.5", "--out", str(out)))
     said = re.search(r"router-only: (\d+) of the (\d+) training tool calls", capsys.readouterr().err)
     assert said and 0 < int(said[1]) < int(said[2])
     assert lr.read_settings(str(out))[1]["router_only"] == 0.5
-    train.train(train_args(tmp_path, "--steps", "2", "--block-drop", "0.3", "--out", str(tmp_path / "drop")))
+    train.train(train_args(tmp_path, "--steps", "2", "--block-drop", "0.3", "--distill", "0.5", "--out", str(tmp_path / "drop")))
     assert lr.read_settings(str(tmp_path / "drop"))[1]["block_drop"] == 0.3
     with pytest.raises(SystemExit):
         train.parse_args(["--router-only", "0.5", "--gate-grad", "ste"])

@@ -121,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
                    "the training tool calls' functions whose calls teach the routers only (data.router_only_step): "
                    "LoRA never fits them, and the routers learn from them and the other kinds' rows, not from "
                    "the calls LoRA fits, whose skips cost what they would not cost an unseen call")
+    p.add_argument("--distill", type=qwen.number(float, lo=0, below=1), default=0.0, help="the share of each "
+                   "target that is the gates-open model's next-token distribution (the same LoRA, every block on, "
+                   "no gradient) instead of the data's token: the loss then also prices what a skip changes "
+                   "beyond the target's probability, and so do the measured costs (0: the data's tokens alone)")
     p.add_argument("--block-drop", type=qwen.number(float, lo=0, below=1), default=0.0, help="training only: the "
                    "chance that a row skips a block whatever its router says (LayerSkip's layer dropout), so that "
                    "LoRA learns to do without any one block; the logged skip shares count these skips too")
@@ -176,6 +180,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.router_only and args.gate_grad != "measured":
         p.error("--router-only needs --gate-grad measured: a straight-through router learns from the LM loss, "
                 "which router-only rows do not have")
+    if args.distill and args.cost == "argmax":
+        p.error("--distill with --cost argmax: the argmax cost scores the data's tokens, not a distribution")
     if args.cost == "argmax" and args.skip_target is not None:
         p.error("--cost argmax with --skip-target: dual ascent moves the price, which the argmax cost does not use")
     args.fast = args.device.startswith("cuda") if args.fast is None else args.fast
@@ -443,6 +449,11 @@ def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generat
     n_target counts the whole step's targets, every rank's, and share is this rank's part of the
     micro-batch's rows, so that the ranks' losses sum to the one-process step's."""
     measured = not model.straight_through
+    if args.distill:  # soft targets: cross_entropy against them is (1 - a) CE + a KL(open || routed) + const
+        with torch.no_grad(), autocast:
+            teacher = model.open_probs(x["ids"], x["prompt_lens"], x["target_idx"])
+        hard = F.one_hot(x["targets"], teacher.shape[1]).float()
+        x = {**x, "targets": torch.lerp(hard, teacher, args.distill)}
     with autocast:  # the head and the loss run only where the next token is a target
         token_loss, scores, gates, inputs = model.train_forward(
             x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast, keep_inputs=measured)

@@ -40,6 +40,7 @@ import qwen
 # name -> (LoRA on, every gate open). Routed runs last so last_gates/last_scores are its decision.
 MODES = {"base": (False, True), "lora": (True, True), "routed": (True, False)}
 PAIR = ("tool_call", "planning")  # the two types the differential compares
+GEN_BATCH = 16  # prompts per greedy batch: 4x one at a time on a CPU thread (bench/gen_batch.py), a modest KV cache
 
 
 @contextmanager
@@ -319,13 +320,13 @@ def answer_correct(kind: str, text: str, answer) -> bool | None:
 
 @torch.no_grad()
 def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, object]],
-                  max_new_tokens: int) -> tuple[dict, list[dict]]:
+                  max_new_tokens: int, gen_batch: int = GEN_BATCH) -> tuple[dict, list[dict]]:
     """Greedy generation of each (prompt_ids, kind, scorable answer) under each of MODES:
     fraction correct per mode (with n), and the generated texts for inspection."""
     acc, texts, right = {"n": len(items)}, [{} for _ in items], {}
     for name in MODES:
         with mode(model, name):
-            right[name], said = greedy_answers(model, tok, items, max_new_tokens)
+            right[name], said = greedy_answers(model, tok, items, max_new_tokens, gen_batch)
         for j, text in enumerate(said):
             texts[j][name] = text
         acc[name] = sum(right[name]) / len(items) if items else None
@@ -336,17 +337,20 @@ def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, o
 
 
 def greedy_answers(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, object]],
-                   max_new_tokens: int) -> tuple[list[bool | None], list[str]]:
-    """Greedy generation of each (prompt_ids, kind, answer) in the model's current mode:
-    whether each answer is right, and the texts."""
+                   max_new_tokens: int, gen_batch: int = GEN_BATCH) -> tuple[list[bool | None], list[str]]:
+    """Greedy generation of each (prompt_ids, kind, answer) in the model's current mode, gen_batch
+    prompts at a time (left-padded, each row routed and decoded as it would be alone): whether each
+    answer is right, and the texts, in the items' order. The reference recipe's router pools the padding
+    too, so its prompts go one at a time."""
     stop = qwen.stop_ids(model.base.cfg, tok)
-    dev = model.base.embed_tokens.weight.device
-    right, texts = [], []
-    for p, kind, answer in items:
-        new = qwen.generate(model, torch.tensor([p], device=dev), max_new_tokens, stop)[0]
-        texts.append(tok.decode(new, skip_special_tokens=False))
-        right.append(answer_correct(kind, texts[-1], answer))
-    return right, texts
+    gen_batch = 1 if model.pooling == "reference" else gen_batch
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths: little padding
+    texts = [""] * len(items)
+    for s in range(0, len(order), gen_batch):
+        rows = order[s:s + gen_batch]
+        for i, new in zip(rows, qwen.generate(model, [items[i][0] for i in rows], max_new_tokens, stop)):
+            texts[i] = tok.decode(new, skip_special_tokens=False)
+    return [answer_correct(kind, text, answer) for (_, kind, answer), text in zip(items, texts)], texts
 
 
 # ----------------------------------------------------------------------------- latency
@@ -429,7 +433,8 @@ def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], arg
                   if answer_correct(kind, "", s.answer) is not None][:args.gen_n]
         if scored:
             t0 = time.time()
-            acc, texts = task_accuracy(model, tok, [(p, kind, s.answer) for p, s in scored], args.max_new_tokens)
+            acc, texts = task_accuracy(model, tok, [(p, kind, s.answer) for p, s in scored], args.max_new_tokens,
+                                       args.gen_batch)
             if kind == "tool_call":  # a call is right when every token is: forced_exact says the same
                 forced = {r["id"]: r["wrong"] for r in recs}
                 acc["forced_agree"] = sum((forced[s.id][m] == 0) == answer_correct(kind, t[m], s.answer)
@@ -611,6 +616,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-n", type=qwen.number(int, lo=0), default=20, help="steps per type to generate for task accuracy "
                    "(0: none; generation is most of the time on a CPU)")
     p.add_argument("--max-new-tokens", type=qwen.number(int, lo=1), default=256, help="generation length cap for task accuracy")
+    p.add_argument("--gen-batch", type=qwen.number(int, lo=1), default=GEN_BATCH, help="prompts generated together "
+                   "for task accuracy, left-padded (1: one at a time)")
     p.add_argument("--latency-n", type=qwen.number(int, lo=0), default=5, help="prompts per type to time (0: no timing)")
     p.add_argument("--latency-tokens", type=qwen.number(int, lo=1), default=64, help="tokens decoded per timed generation")
     p.add_argument("--latency-repeats", type=qwen.number(int, lo=1), default=3, help="timed repeats per prompt and model")

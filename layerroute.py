@@ -39,7 +39,7 @@ import torch.utils.checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qwen import KVCache, Qwen2
+from qwen import KVCache, Qwen2, rope_rows
 
 
 class LoRALinear(nn.Module):
@@ -85,10 +85,11 @@ LORA_TARGETS = {"attn": [ATTN], "all": [ATTN, ("mlp", ("gate_proj", "up_proj", "
 
 class RoutedCache:
     """The KV cache of routed generation: the gates decided at prefill, and one KVCache per layer
-    holding only the rows whose gate is open there (None for a layer every row skips)."""
+    holding only the rows whose gate is open there (None for a layer every row skips).
+    pad (batch,): each row's left padding, None for none."""
 
-    def __init__(self, batch: int, max_len: int):
-        self.batch, self.max_len, self.len = batch, max_len, 0
+    def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None = None):
+        self.batch, self.max_len, self.len, self.pad = batch, max_len, 0, pad
         self.gates: torch.Tensor | None = None  # (B, L), set at prefill
         self.layers: list[KVCache | None] = []
 
@@ -160,16 +161,18 @@ class LayerRoute(nn.Module):
 
     # ---- routing
 
-    def route(self, i: int, h: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
-        """Router score of block i for each row (B,): router_score with this model's pooling."""
-        return router_score(self.routers[i], self.base.layers[i].input_layernorm, h, prompt_lens, self.pooling)
+    def route(self, i: int, h: torch.Tensor, prompt_lens: torch.Tensor,
+              pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Router score of block i for each row (B,): router_score with this model's pooling (pad: each
+        row's left padding, at a batched generation's prefill)."""
+        return router_score(self.routers[i], self.base.layers[i].input_layernorm, h, prompt_lens, self.pooling, pad)
 
     def gate(self, s: torch.Tensor) -> torch.Tensor:
         """The 0/1 gate of scores s (B,); straight-through, its gradient is sigmoid's."""
         return gate_of(s, self.threshold, self.open_gates, self.straight_through)
 
-    def new_cache(self, batch: int, max_len: int) -> RoutedCache:
-        return RoutedCache(batch, max_len)
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> RoutedCache:
+        return RoutedCache(batch, max_len, pad)
 
     def forward(self, ids: torch.Tensor, prompt_lens: torch.Tensor | None = None,
                 cache: RoutedCache | None = None, logits_at: torch.Tensor | None = None,
@@ -177,7 +180,8 @@ class LayerRoute(nn.Module):
         """ids (B, T) -> logits (B, T, vocab); the routing decision lands in last_scores/last_gates.
 
         prompt_lens (B,): prompt tokens per row (teacher forcing). Without it the whole input is
-        the prompt (a generation prefill). With a cache past its prefill, the stored gates are used.
+        the prompt (a generation prefill), less the cache's left padding. With a cache past its prefill,
+        the stored gates are used.
         logits_at (B, T) bool: the LM head runs at those positions only, giving (N, vocab) in
         row-major order. Training scores targets only, and the head is the biggest single matmul.
         return_hidden: the last block's output h (B, T, d) instead of logits (for target_loss).
@@ -186,8 +190,8 @@ class LayerRoute(nn.Module):
         B, T = ids.shape
         base, cfg = self.base, self.base.cfg
         h = base.embed_tokens(ids)  # (B, T, d)
-        start = 0 if cache is None else cache.len
-        cos, sin = base.rope(start, T, ids.device, h.dtype)
+        start, pad = (0, None) if cache is None else (cache.len, cache.pad)
+        cos, sin = base.rope(start, T, ids.device, h.dtype, pad)
         prefill = cache is None or cache.gates is None
         if prompt_lens is None:
             prompt_lens = torch.full((B,), T, device=ids.device)
@@ -198,7 +202,7 @@ class LayerRoute(nn.Module):
         scores, gates = [], []
         for i, block in enumerate(base.layers):
             if prefill:
-                s = self.route(i, h, prompt_lens)  # (B,)
+                s = self.route(i, h, prompt_lens, pad)  # (B,)
                 g = self.gate(s) * keep[:, i]
             else:
                 s = g = cache.gates[:, i]
@@ -211,8 +215,9 @@ class LayerRoute(nn.Module):
                 continue
             if prefill and cache is not None:  # keep KV only for the rows that run this block
                 rows = g.nonzero().squeeze(-1)
+                rows_pad = None if pad is None else pad.index_select(0, rows)
                 cache.layers.append(KVCache(rows, cfg.num_key_value_heads, cache.max_len, cfg.head_dim,
-                                            h.device, h.dtype) if len(rows) else None)
+                                            h.device, h.dtype, rows_pad) if len(rows) else None)
             h = self.recomputed(self.run_block, i, block, h, g, cos, sin, None if cache is None else cache.layers[i])
         self.last_scores, self.last_gates = torch.stack(scores, 1), torch.stack(gates, 1).detach()
         if cache is not None:
@@ -345,24 +350,30 @@ class LayerRoute(nn.Module):
             return h
         if len(rows) == h.shape[0]:
             return block(h, cos, sin, kv)
-        return h.index_copy(0, rows, block(h.index_select(0, rows), cos, sin, kv))
+        return h.index_copy(0, rows, block(h.index_select(0, rows), *rope_rows(cos, sin, rows), kv))
 
 
 def router_score(router: nn.Linear, norm: nn.Module, h: torch.Tensor, prompt_lens: torch.Tensor,
-                 pooling: str = "prompt") -> torch.Tensor:
+                 pooling: str = "prompt", pad: torch.Tensor | None = None) -> torch.Tensor:
     """Router score sigmoid(w . pooled + b) for each row: (B,), float32.
 
     pooled = mean of norm(h) (the block's input_layernorm) over positions 1 <= t < prompt_len (real
-    prompt tokens only, the first one excluded), scaled to unit length. The input is detached: the
-    router reads the residual stream, it does not steer it.
+    prompt tokens only, the first one excluded), scaled to unit length. With left padding pad (B,),
+    a row's prompt starts at pad[b]: pad[b] + 1 <= t < prompt_len, so the row pools what it pools alone.
+    The input is detached: the router reads the residual stream, it does not steer it.
     """
     if pooling == "reference":
+        if pad is not None:
+            raise ValueError("pooling='reference' pools every position, padding included: its gates depend on "
+                             "the padding, so left-padded (batched) generation cannot give a prompt its own gates; "
+                             "generate one prompt at a time")
         # The authors' recipe, kept only to measure against: the raw stream over every position,
         # padding and answer included (their batches are padded to max_len).
         pooled = h.detach().float().mean(1)
     else:
         pos = torch.arange(h.shape[1], device=h.device)
-        mask = ((pos >= 1) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
+        first = 1 if pad is None else pad[:, None] + 1  # the first real token is left out
+        mask = ((pos >= first) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
         normed = norm(h.detach()).float()
         pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
         # Unit length: Adam moves each weight by about lr a step, so the score moves by about

@@ -296,17 +296,27 @@ def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: floa
 
 
 def rope_cos_sin(cfg: QwenConfig, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (T, head_dim) for the given positions, in the half-split layout."""
+    """cos, sin of shape (*positions.shape, head_dim) for the given positions, in the half-split layout:
+    (T, hd) for positions (T,), or (B, 1, T, hd) for per-row positions (B, 1, T)."""
     inv_freq = rope_inv_freq(cfg, positions.device)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hd); the first and second halves of hd are the rotated pairs.
+    # x: (B, nh, T, hd), cos and sin (T, hd) or (B, 1, T, hd); the first and second halves of hd are the
+    # rotated pairs.
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_rows(cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor):
+    """cos, sin for a subset of the batch rows: per-row ones (B, 1, T, hd) follow the rows, shared ones
+    (T, hd) serve any row."""
+    if cos.dim() == 2:
+        return cos, sin
+    return cos.index_select(0, rows), sin.index_select(0, rows)
 
 
 class KVCache:
@@ -314,10 +324,13 @@ class KVCache:
 
     `rows` are the batch rows this layer computes (all rows for the plain model; layerroute.py
     gives a layer only the rows whose gate is open, and no cache at all to a layer nobody runs).
+    `pad` (len(rows),): each of those rows' left padding, the keys attention never reads; None when
+    no row is padded, which keeps the unmasked causal attention.
     """
 
-    def __init__(self, rows: torch.Tensor, n_kv: int, max_len: int, head_dim: int, device, dtype):
-        self.rows = rows
+    def __init__(self, rows: torch.Tensor, n_kv: int, max_len: int, head_dim: int, device, dtype,
+                 pad: torch.Tensor | None = None):
+        self.rows, self.pad = rows, pad
         self.k = torch.empty(len(rows), n_kv, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.len = 0
@@ -330,6 +343,16 @@ class KVCache:
         self.v[:, :, self.len:self.len + t] = v
         self.len += t
         return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+def padding_mask(pad: torch.Tensor, past: int, T: int) -> torch.Tensor:
+    """(B, 1, T, past + T) bool, True where a query may attend: causal, and never to a row's left padding
+    pad (B,). Every query sees at least itself: a pad query with no key at all is NaN in some SDPA kernels,
+    and that NaN, cached as a value, would reach the real tokens through a zero weight (0 * NaN = NaN)."""
+    q = torch.arange(past, past + T, device=pad.device)[:, None]  # (T, 1)
+    k = torch.arange(past + T, device=pad.device)  # (S,)
+    real = (k >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    return (k <= q) & (real | (k == q))
 
 
 class Attention(nn.Module):
@@ -364,6 +387,8 @@ class Attention(nn.Module):
         # Without a cache, a plain bool (causal over one token is no mask at all): under torch.compile
         # with a symbolic T, `T > 1` would be a symbolic bool, which SDPA does not take.
         causal = cache is None or (past == 0 and T > 1)
+        if cache is not None and cache.pad is not None:  # left-padded generation: every pad key masked out
+            mask, causal = padding_mask(cache.pad, past, T), False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
@@ -406,23 +431,31 @@ class Qwen2(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # the one place the tie is made
 
-    def rope(self, start: int, T: int, device, dtype):
-        return rope_cos_sin(self.cfg, torch.arange(start, start + T, device=device), dtype)
+    def rope(self, start: int, T: int, device, dtype, pad: torch.Tensor | None = None):
+        """cos, sin (T, hd) of positions start .. start + T - 1; with left padding pad (B,), each row's own
+        positions, index - pad[b] (B, 1, T, hd), so a padded row sees the positions it has alone (a pad
+        position gets 0: no real token attends to it)."""
+        positions = torch.arange(start, start + T, device=device)
+        if pad is not None:
+            positions = (positions - pad[:, None]).clamp(min=0)[:, None]  # (B, 1, T)
+        return rope_cos_sin(self.cfg, positions, dtype)
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache | None]:
-        """One KVCache per layer, every row in every layer (the plain model skips nothing)."""
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> list[KVCache | None]:
+        """One KVCache per layer, every row in every layer (the plain model skips nothing).
+        pad (batch,): each row's left padding (decode), None for none."""
         p = self.embed_tokens.weight
-        rows = torch.arange(batch, device=device or p.device)
-        return [KVCache(rows, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
-                        device or p.device, dtype or p.dtype) for _ in self.layers]
+        rows = torch.arange(batch, device=p.device)
+        return [KVCache(rows, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim, p.device, p.dtype, pad)
+                for _ in self.layers]
 
     def forward(self, ids: torch.Tensor, cache: list[KVCache | None] | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """ids (B, T) -> logits (B, T, vocab). With a cache, positions continue after its length.
+        """ids (B, T) -> logits (B, T, vocab). With a cache, positions continue after its length, less
+        each row's left padding.
         last_only: logits (B, 1, vocab) of the last position, all a generation step needs."""
         h = self.embed_tokens(ids)  # (B, T, d)
-        start = 0 if cache is None else cache[0].len
-        cos, sin = self.rope(start, ids.shape[1], ids.device, h.dtype)
+        start, pad = (0, None) if cache is None else (cache[0].len, cache[0].pad)
+        cos, sin = self.rope(start, ids.shape[1], ids.device, h.dtype, pad)
         for i, block in enumerate(self.layers):
             h = block(h, cos, sin, None if cache is None else cache[i])
         return self.lm_head(self.norm(h[:, -1:] if last_only else h))
@@ -724,15 +757,32 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0) -
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-@torch.no_grad()
-def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-           top_p: float = 1.0) -> Iterator[torch.Tensor]:
-    """Yield the next ids (B,) of prompts ids (B, T), one step at a time, with the KV cache.
+def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts of any lengths as ids (B, T), each row left-padded to the longest, and each row's pad count
+    (B,), None when every prompt has the same length. The pad id is 0: attention never reads a pad key."""
+    if not prompts or not all(prompts):
+        raise ValueError(f"generation needs at least one prompt and a token in each, got lengths "
+                         f"{[len(p) for p in prompts]}")
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], device=device)
+    pad = [T - len(p) for p in prompts]
+    return ids, torch.tensor(pad, device=device) if any(pad) else None
 
-    `model` is anything with `new_cache(B, max_len)` and `forward(ids, cache=...)`: this Qwen2,
+
+@torch.no_grad()
+def decode(model: nn.Module, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0) -> Iterator[torch.Tensor]:
+    """Yield the next ids (B,) of the prompts, one step at a time, with the KV cache.
+
+    prompts: a list of id lists of any lengths (left-padded here), or equal-length prompts ids (B, T).
+    `model` is anything with `new_cache(B, max_len, pad)` and `forward(ids, cache=...)`: this Qwen2,
     or layerroute.LayerRoute, whose cache also carries the gates decided at prefill.
     """
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    if isinstance(prompts, torch.Tensor):
+        ids, pad = prompts, None
+    else:
+        ids, pad = left_pad(prompts, next(model.parameters()).device)
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens, pad)
     logits = model(ids, cache=cache, last_only=True)[:, -1]  # prefill
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p)
@@ -741,11 +791,12 @@ def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature
             logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
 
 
-def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, stop: set[int] = frozenset(),
-             temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
-    """Continue equal-length prompts ids (B, T) (see decode); a row ends at its first stop token."""
-    out, done = [[] for _ in range(ids.shape[0])], [False] * ids.shape[0]
-    for nxt in decode(model, ids, max_new_tokens, temperature, top_p):
+def generate(model: nn.Module, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int,
+             stop: set[int] = frozenset(), temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+    """Continue prompts of any lengths (see decode); a row ends at its first stop token, the batch when
+    every row has ended."""
+    out, done = [[] for _ in range(len(prompts))], [False] * len(prompts)
+    for nxt in decode(model, prompts, max_new_tokens, temperature, top_p):
         for b, t in enumerate(nxt.tolist()):
             if not done[b]:
                 out[b].append(t)

@@ -99,6 +99,51 @@ def test_qwen_greedy_generation_matches_transformers(tmp_path):
     assert qwen.generate(m, ids, 12, stop={stop})[0] == theirs[:theirs.index(stop) + 1]
 
 
+def prompts_of(lengths, seed=0) -> list[list[int]]:
+    """Random prompts of the given lengths (ids 3.. : none is a stop token)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths]
+
+
+MIXED = (3, 11, 6, 11, 8)  # four lengths: a row left-padded by 8, two unpadded rows of equal length
+
+
+@torch.no_grad()
+def prefill_then_steps(model, prompts: list[list[int]], more: torch.Tensor):
+    """Logits (B, T + k, vocab) of the prompts left-padded to T, then of more (B, k) fed one token a step
+    through the KV cache (generation's path, with given tokens); the cache; and the prefill's scores."""
+    ids, pad = qwen.left_pad(prompts, "cpu")
+    cache = model.new_cache(len(prompts), ids.shape[1] + more.shape[1], pad)
+    logits = [model(ids, cache=cache)]
+    scores = getattr(model, "last_scores", None)
+    logits += [model(more[:, t:t + 1], cache=cache) for t in range(more.shape[1])]
+    return torch.cat(logits, 1), cache, scores
+
+
+def test_qwen_left_padded_batch_is_each_prompt_alone(tmp_path):
+    """Left padding changes nothing a row computes: its logits at prefill and at each decode step, its
+    cached keys (RoPE turns them by the row's own positions) and its greedy continuation are the
+    prompt's alone, at batch 1."""
+    write_checkpoint(tmp_path)
+    m = qwen.load_model(str(tmp_path))
+    prompts, more = prompts_of(MIXED), torch.randint(3, 300, (len(MIXED), 4))
+    ids, pad = qwen.left_pad(prompts, "cpu")
+    assert pad.tolist() == [8, 0, 5, 0, 3] and qwen.left_pad(prompts[1:2] * 2, "cpu")[1] is None
+    mask = qwen.padding_mask(pad, 0, ids.shape[1])  # (B, 1, T, T)
+    assert mask.any(-1).all() and not mask[0, 0, 8:, :8].any()  # a query sees itself at least, a real one no pad
+    logits, cache, _ = prefill_then_steps(m, prompts, more)
+    for b, p in enumerate(prompts):
+        alone, one, _ = prefill_then_steps(m, [p], more[b:b + 1])
+        torch.testing.assert_close(logits[b, pad[b]:], alone[0], atol=1e-5, rtol=1e-5)
+        for kv, kv1 in zip(cache, one):
+            torch.testing.assert_close(kv.k[b, :, pad[b]:kv.len], kv1.k[0, :, :kv1.len], atol=1e-5, rtol=1e-5)
+    alone = [qwen.generate(m, [p], 10)[0] for p in prompts]
+    assert qwen.generate(m, prompts, 10) == alone
+    stop = alone[0][3]  # row 0 ends early (at its stop token), the others go on
+    assert qwen.generate(m, prompts, 10, stop={stop}) == [qwen.generate(m, [p], 10, stop={stop})[0] for p in prompts]
+    assert qwen.generate(m, torch.tensor(prompts[1:2] * 2), 10) == alone[1:2] * 2  # equal lengths: a tensor too
+
+
 @pytest.mark.parametrize("field,value", [("model_type", "gpt2"), ("rope_scaling", {"type": "yarn", "factor": 4.0}),
                                          ("use_sliding_window", True), ("hidden_act", "gelu")])
 def test_qwen_refuses_unsupported_config(tmp_path, field, value):
@@ -1666,6 +1711,45 @@ def test_layerroute_routed_generation_equals_teacher_forcing(tmp_path):
     assert qwen.generate(model, prompt[:1], 5) == qwen.generate(model, prompt[:2], 5)[:1]
 
 
+def mixed_routed(tmp_path) -> lr.LayerRoute:
+    """A tiny LayerRoute whose random routers give MIXED's prompts different gates."""
+    _, model = tiny_routed(tmp_path)
+    set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)
+    with torch.no_grad():  # LoRA on too (B is 0 at init), so the adapted layers are the ones that run
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    return model.eval()
+
+
+def test_layerroute_left_padded_row_is_routed_as_alone(tmp_path):
+    """A generation prefill pools each row over its own prompt, its first real token excluded: left
+    padding moves neither a score nor a gate, nor a row's logits through the layers that run it."""
+    model = mixed_routed(tmp_path)
+    prompts, more = prompts_of(MIXED), torch.randint(3, 300, (len(MIXED), 4))
+    pad = qwen.left_pad(prompts, "cpu")[1]
+    logits, cache, scores = prefill_then_steps(model, prompts, more)
+    for b, p in enumerate(prompts):
+        alone, one, own = prefill_then_steps(model, [p], more[b:b + 1])
+        torch.testing.assert_close(scores[b], own[0], atol=1e-6, rtol=1e-6)
+        assert torch.equal(cache.gates[b], one.gates[0])
+        torch.testing.assert_close(logits[b, pad[b]:], alone[0], atol=1e-5, rtol=1e-5)
+    assert len({tuple(g) for g in cache.gates.tolist()}) > 1  # rows close different blocks...
+    subsets = [kv for kv in cache.layers if kv is not None and 0 < len(kv.rows) < len(prompts)]
+    assert any(len(set(kv.pad.tolist())) > 1 for kv in subsets)  # ...and a layer runs padded rows of a subset
+    for kv in subsets:
+        assert torch.equal(kv.pad, pad[kv.rows])
+
+
+def test_layerroute_left_padded_batch_generates_what_each_prompt_does_alone(tmp_path):
+    model = mixed_routed(tmp_path)
+    prompts = prompts_of(MIXED)
+    assert qwen.generate(model, prompts, 8) == [qwen.generate(model, [p], 8)[0] for p in prompts]
+    model.pooling = "reference"  # pools the padding itself: a padded row cannot get its own gates
+    with pytest.raises(ValueError, match="pooling='reference'"):
+        qwen.generate(model, prompts, 8)
+
+
 def test_layerroute_merge_is_w_plus_scaled_ba(tmp_path):
     _, model = tiny_routed(tmp_path)
     q = model.base.layers[0].self_attn.q_proj
@@ -2012,7 +2096,7 @@ def test_train_router_only_rows_teach_the_routers_alone(tmp_path):
     rows = [(torch.randint(3, 300, (n_p,)).tolist(), torch.randint(3, 300, (n_t,)).tolist())
             for n_p, n_t in [(5, 4), (7, 5), (4, 6), (6, 3)]]
     kinds, only = ["tool_call", "tool_call", "planning", "tool_call"], [False, True, False, False]
-    args = types.SimpleNamespace(grad_accum=1, router_only=0.3, flips=4, fast=False, cost="loss", margin=0.0)
+    args = types.SimpleNamespace(grad_accum=1, router_only=0.3, flips=4, fast=False, cost="loss", margin=0.0, distill=0.0)
 
     def run(b, a):
         x = train.on_device(b, "cpu")
@@ -2687,6 +2771,35 @@ def test_eval_task_answers_scored_as_specified():
     assert not ev.answer_correct("planning", "#### 12\nor 1200", "1200")
     assert ev.answer_correct("planning", "anything", "Newton's second law") is None  # free text: unscored
     assert ev.answer_correct("reply", "hi", None) is None
+
+
+class IdsText:
+    """A tokenizer stand-in for a random model's ids: decode shows them, `stop` is its end-of-turn marker."""
+
+    def __init__(self, stop: int):
+        self.stop = stop
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return " ".join(map(str, ids))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.stop if token == "<|im_end|>" else None
+
+
+def test_eval_batched_greedy_answers_are_the_one_at_a_time_ones(tmp_path, one_thread):
+    model = mixed_routed(tmp_path)
+    prompts = prompts_of(MIXED + (5,), seed=1)
+    with ev.mode(model, "lora"):
+        stop = qwen.generate(model, prompts[:1], 1)[0][0]  # the tiny model repeats it: prompt 0 ends at once
+    tok, items, lengths = IdsText(stop), [(p, "planning", "7") for p in prompts], {}
+    for name in ev.MODES:
+        with ev.mode(model, name):
+            one = ev.greedy_answers(model, tok, items, 6, gen_batch=1)
+            assert ev.greedy_answers(model, tok, items, 6, gen_batch=4) == one, name  # batches of 4 and 2
+        lengths[name] = [len(t.split()) for t in one[1]]
+    assert lengths["lora"][0] == 1 and 6 in lengths["lora"]  # a row that stopped, in a batch that went on
+    model.pooling = "reference"  # its gates depend on padding: generated one at a time, whatever gen_batch says
+    assert ev.greedy_answers(model, tok, items, 6, gen_batch=4) == ev.greedy_answers(model, tok, items, 6, gen_batch=1)
 
 
 def test_eval_aggregate_two_reports(tmp_path):

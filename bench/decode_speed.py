@@ -38,9 +38,9 @@ class PrefillTimer:
     def __init__(self, model):
         self.model, self.prefill_s, self.first = model, 0.0, True
 
-    def new_cache(self, batch: int, max_len: int):
+    def new_cache(self, batch: int, max_len: int, pad=None):
         self.first = True
-        return self.model.new_cache(batch, max_len)
+        return self.model.new_cache(batch, max_len, pad)
 
     def __call__(self, ids, cache=None):
         t = time.perf_counter()
@@ -145,7 +145,7 @@ def main():
     table[0, spread(L, n)] = 0
     for b in range(1, len(table)):  # the other rows: a random set of n blocks each (mixed gates)
         table[b, torch.randperm(L, generator=g)[:n]] = 0
-    model.route = lambda i, h, prompt_lens: table[:h.shape[0], i]  # scores 0/1 -> those gates
+    model.route = lambda i, h, prompt_lens, pad=None: table[:h.shape[0], i]  # scores 0/1 -> those gates
     print(f"batch 1 closes blocks {spread(L, n)} of {L}", flush=True)
     measure(model, torch.randint(0, V, (1, args.prompt_len), generator=g), args, "batch 1, blocks spread")
     if args.batch:

@@ -49,7 +49,7 @@ def fixed_gates(skip: set[int], kind: str):
 
     def fixed_forward(self, ids, prompt_lens=None, cache=None, logits_at=None):
         scores = pending.popleft()  # a constant score: the gate is hard and the router gets no gradient
-        self.route = lambda i, h, _lens: scores[:, i].to(h.device)
+        self.route = lambda i, h, _lens, _pad=None: scores[:, i].to(h.device)
         return forward(self, ids, prompt_lens, cache, logits_at)
 
     train.training_batches, lr.LayerRoute.forward = batches, fixed_forward
@@ -84,7 +84,7 @@ def exact_match(run: str, data_dir: str, skip: set[int], kind: str, n: int, max_
                 max_new_tokens: int = 256) -> dict:
     """eval.py's greedy task accuracy of `kind` (base / LoRA-only / skipping `skip`), its sample and cap."""
     model, tok, _ = lr.load_run(run)
-    model.route = lambda i, h, _lens: torch.full((h.shape[0],), 0.0 if i in skip else 1.0)
+    model.route = lambda i, h, _lens, _pad=None: torch.full((h.shape[0],), 0.0 if i in skip else 1.0)
     steps = data.fitting(data.load_steps(data_dir)[0], tok, max_len)[0]
     items = [(data.encode(s, tok, max_len)[0], kind, s.answer)
              for s in eval_.pick(steps, "test", None, seed=0)[kind]

@@ -123,12 +123,13 @@ def type_summary(cfg: qwen.QwenConfig, recs: list[dict], n_boot: int = 1000, see
     closed = 1 - np.array([r["gates"] for r in recs])  # (n, L)
     tokens = sum(r["n_target"] for r in recs)
     # Perplexity over every target token of the type (token-weighted, as a training loss is).
-    ppl = {m: math.exp(sum(r["nll"][m] for r in recs) / tokens) for m in MODES}
+    ppl = {m: math.exp(sum(r["nll"][m] for r in recs) / tokens) for m in recs[0]["nll"]}
+    base = ppl.get("base")  # None where eval ran --no-base
     return {"n": len(recs), "target_tokens": tokens,
             "blocks_skipped_pct": float(100 * closed.mean()),
             "flops_skipped_pct": mean_flops_skipped_pct(cfg, recs),
-            "ppl_base": ppl["base"], "ppl_lora": ppl["lora"], "ppl_routed": ppl["routed"],
-            "ppl_routed_minus_base": ppl["routed"] - ppl["base"],  # the paper's kind of delta...
+            "ppl_base": base, "ppl_lora": ppl["lora"], "ppl_routed": ppl["routed"],
+            "ppl_routed_minus_base": None if base is None else ppl["routed"] - base,  # the paper's kind of delta...
             "ppl_routed_minus_lora": ppl["routed"] - ppl["lora"],  # ...and the cost of skipping itself
             "ppl_routed_vs_lora": ppl["routed"] / ppl["lora"], "ppl_routed_vs_lora_ci95": ratio_ci(recs, n_boot, seed),
             "per_layer_skip_pct": (100 * closed.mean(0)).tolist(), "forced_exact": forced_exact(recs)}
@@ -137,7 +138,7 @@ def type_summary(cfg: qwen.QwenConfig, recs: list[dict], n_boot: int = 1000, see
 def forced_exact(recs: list[dict]) -> dict:
     """Teacher-forced exact match (every target argmax right: what greedy decoding reproduces) per
     mode, and the targets routing broke and fixed against LoRA-only. Free: it needs no generation."""
-    right = {m: [r["wrong"][m] == 0 for r in recs] for m in MODES}
+    right = {m: [r["wrong"][m] == 0 for r in recs] for m in recs[0]["wrong"]}
     broke, fixed = broke_fixed(right["lora"], right["routed"])
     return {**{m: sum(v) / len(recs) for m, v in right.items()}, "broke": broke, "fixed": fixed}
 
@@ -320,11 +321,11 @@ def answer_correct(kind: str, text: str, answer) -> bool | None:
 
 @torch.no_grad()
 def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, object]],
-                  max_new_tokens: int, gen_batch: int = GEN_BATCH) -> tuple[dict, list[dict]]:
-    """Greedy generation of each (prompt_ids, kind, scorable answer) under each of MODES:
+                  max_new_tokens: int, gen_batch: int = GEN_BATCH, modes: tuple[str, ...] = tuple(MODES)) -> tuple[dict, list[dict]]:
+    """Greedy generation of each (prompt_ids, kind, scorable answer) under each of modes:
     fraction correct per mode (with n), and the generated texts for inspection."""
     acc, texts, right = {"n": len(items)}, [{} for _ in items], {}
-    for name in MODES:
+    for name in modes:
         with mode(model, name):
             right[name], said = greedy_answers(model, tok, items, max_new_tokens, gen_batch)
         for j, text in enumerate(said):
@@ -418,8 +419,10 @@ def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], arg
     examples = [(p, t, k) for k, pts in enc.items() for p, t in pts]
     pad = data.pad_id(tok)
     t0 = time.time()
-    recs = teacher_forced(model, examples, args.batch_size, pad, args.max_len if model.pooling == "reference" else None)
-    print(f"teacher-forced: {len(recs)} steps x {len(MODES)} models in {time.time() - t0:.0f} s", file=sys.stderr)
+    modes = tuple(MODES) if args.base else ("lora", "routed")
+    recs = teacher_forced(model, examples, args.batch_size, pad, args.max_len if model.pooling == "reference" else None,
+                          modes)
+    print(f"teacher-forced: {len(recs)} steps x {len(modes)} models in {time.time() - t0:.0f} s", file=sys.stderr)
     steps = [s for ss in by_kind.values() for s in ss]
     for r, s in zip(recs, steps):
         r["id"] = s.id
@@ -434,14 +437,14 @@ def evaluate(model: lr.LayerRoute, tok, by_kind: dict[str, list[data.Step]], arg
         if scored:
             t0 = time.time()
             acc, texts = task_accuracy(model, tok, [(p, kind, s.answer) for p, s in scored], args.max_new_tokens,
-                                       args.gen_batch)
+                                       args.gen_batch, modes)
             if kind == "tool_call":  # a call is right when every token is: forced_exact says the same
                 forced = {r["id"]: r["wrong"] for r in recs}
                 acc["forced_agree"] = sum((forced[s.id][m] == 0) == answer_correct(kind, t[m], s.answer)
                                           for (_, s), t in zip(scored, texts) for m in ("lora", "routed"))
             report["types"][kind]["task_accuracy"] = acc
             report["generations"][kind] = [{"id": s.id, "answer": s.answer, **t} for (_, s), t in zip(scored, texts)]
-            print(f"{kind}: generated {acc['n']} x {len(MODES)} in {time.time() - t0:.0f} s", file=sys.stderr)
+            print(f"{kind}: generated {acc['n']} x {len(modes)} in {time.time() - t0:.0f} s", file=sys.stderr)
         if args.latency_n and kind in PAIR:  # timing is slow on a CPU: the two types compared
             prompts = [p for p, _ in enc[kind][:args.latency_n]]
             report["latency"][kind] = latency(model, prompts, args.latency_tokens, args.latency_repeats)
@@ -465,7 +468,7 @@ def print_table(report: dict, out=None):
         lat = report["latency"].get(kind, {})
         # the perplexities are spaced apart: an untrained model's have six digits
         print(f"{kind:10}{t['n']:>6}{t['blocks_skipped_pct']:>9.2f}{t['flops_skipped_pct']:>8.2f}"
-              f" {t['ppl_base']:>9.3f} {t['ppl_lora']:>7.3f} {t['ppl_routed']:>7.3f}"
+              f" {fmt(t['ppl_base'], '.3f'):>9} {t['ppl_lora']:>7.3f} {t['ppl_routed']:>7.3f}"
               f"{fmt(a.get('base')):>10}{fmt(a.get('lora')):>6}{fmt(a.get('routed')):>7}{fmt(a.get('n'), 'd'):>8}"
               f"{fmt(lat.get('ms_per_token_full'), '.1f'):>13}{fmt(lat.get('ms_per_token_routed'), '.1f'):>8}"
               f"{fmt(lat.get('speedup'), '.3f'):>9}{fmt(lat.get('ideal_speedup'), '.3f'):>7}", file=out)
@@ -477,7 +480,7 @@ def print_table(report: dict, out=None):
             line += (f"; of {a['n']} answers routing broke {a['lost']}, fixed {a['gained']}"
                      f" (McNemar p {a['mcnemar_p']:.3f})")
         e = t["forced_exact"]
-        line += (f"; teacher-forced exact base / LoRA-only / routed {e['base']:.2f} / {e['lora']:.2f} / "
+        line += (f"; teacher-forced exact base / LoRA-only / routed {fmt(e.get('base'))} / {e['lora']:.2f} / "
                  f"{e['routed']:.2f} (routing broke {e['broke']}, fixed {e['fixed']})")
         if a and "forced_agree" in a:
             line += f", greedy and teacher-forced exact agree on {a['forced_agree']} of {2 * a['n']}"
@@ -613,6 +616,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=qwen.number(int, lo=1), help="at most this many steps per type (default: all of the split)")
     p.add_argument("--kinds", type=kinds_list, default=",".join(data.KINDS), help="comma-separated step types to "
                    "evaluate (the differential needs tool_call and planning)")
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True, help="also evaluate the base "
+                   "model (LoRA off, every block on); --no-base leaves it out, a third less work")
     p.add_argument("--gen-n", type=qwen.number(int, lo=0), default=20, help="steps per type to generate for task accuracy "
                    "(0: none; generation is most of the time on a CPU)")
     p.add_argument("--max-new-tokens", type=qwen.number(int, lo=1), default=256, help="generation length cap for task accuracy")

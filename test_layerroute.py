@@ -2873,8 +2873,11 @@ def test_train_and_eval_run_on_each_family(tmp_path, family, one_thread):
     train.train(train_args(tmp_path, "--steps", "2", "--out", str(tmp_path / "run")))  # train_args keeps this model
     assert qwen.QwenConfig.from_json(str(tmp_path / "model" / "config.json")).qk_norm == (family == "qwen3")
     rep = ev.main(["--run", str(tmp_path / "run"), "--split", "all", "--n", "4", "--gen-n", "1",
-                   "--max-new-tokens", "4", "--latency-n", "0", "--bootstrap", "10", "--kinds", "tool_call,planning"])
+                   "--max-new-tokens", "4", "--latency-n", "0", "--bootstrap", "10", "--kinds", "tool_call,planning",
+                   "--no-base"])
     assert rep["types"].keys() == {"tool_call", "planning"}  # --kinds: the reply steps left out
+    tool = rep["types"]["tool_call"]  # --no-base: LoRA-only and routed alone
+    assert tool["ppl_base"] is None and "base" not in tool["forced_exact"] and "base" not in tool["task_accuracy"]
     assert all(t["ppl_routed"] > 1 and len(t["per_layer_skip_pct"]) == 2 for t in rep["types"].values())
 
 

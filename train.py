@@ -117,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
                    "loss: the change of its mean target loss, against --price; argmax: whether skipping the block "
                    "breaks a target position whose teacher-forced argmax is right (greedy decoding would then write "
                    "another token), the target's lead over the best other token falling to --margin or below")
+    p.add_argument("--margin", type=qwen.number(float, lo=0), default=0.0, help="argmax cost: a lead (in logits) "
+                   "that skipping may not push the target's below; 0 counts only argmaxes turned wrong")
     p.add_argument("--router-only", type=qwen.number(float, lo=0, hi=1), default=0.0, help="measured: the share of "
                    "the training tool calls' functions whose calls teach the routers only (data.router_only_step): "
                    "LoRA never fits them, and the routers learn from them and the other kinds' rows, not from "
@@ -124,12 +126,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=qwen.number(float, lo=0, below=1), default=0.0, help="the share of each "
                    "target that is the gates-open model's next-token distribution (the same LoRA, every block on, "
                    "no gradient) instead of the data's token: the loss then also prices what a skip changes "
-                   "beyond the target's probability, and so do the measured costs (0: the data's tokens alone)")
+                   "beyond the target's probability, and so do the measured costs; the logged lm loss includes "
+                   "the teacher's entropy (0: the data's tokens alone)")
     p.add_argument("--block-drop", type=qwen.number(float, lo=0, below=1), default=0.0, help="training only: the "
                    "chance that a row skips a block whatever its router says (LayerSkip's layer dropout), so that "
                    "LoRA learns to do without any one block; the logged skip shares count these skips too")
-    p.add_argument("--margin", type=qwen.number(float, lo=0), default=0.0, help="argmax cost: a lead (in logits) "
-                   "that skipping may not push the target's below; 0 counts only argmaxes turned wrong")
     p.add_argument("--gate-lambda", type=qwen.number(float, lo=0), default=1.0, help="ste: weight of the gate regulariser mean(sigmoid)")
     p.add_argument("--skip-target", type=qwen.number(float, above=0, below=1), help="a share of blocks to skip over training (e.g. 0.25): "
                    "lambda (ste) or the price (measured) then follows dual ascent, the same for every step type, "

@@ -3181,6 +3181,28 @@ def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path,
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out
 
 
+def test_bench_answers_trains_evaluates_sweeps_and_carries_on_where_it_stopped(tmp_path, capsys, one_thread):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("answers_bench", Path(__file__).parent / "bench" / "answers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    train_args(tmp_path)  # the tiny model and data
+    argv = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--recipes", "defaults,router-only",
+            "--seeds", "0", "--budget", f"--steps 2 --max-len {TINY_LEN} --batch-size 2 --warmup 1 --save-every 1",
+            "--eval", "--n 4 --gen-n 2 --max-new-tokens 3 --latency-n 0 --kinds tool_call,planning --no-base --bootstrap 10",
+            "--thresholds", "0.5,0.0", "--split", "val", "--out", str(tmp_path / "answers"), "--plot", str(tmp_path / "curves.png")]
+    rows = bench.main(argv)
+    assert [r["recipe"] for r in rows] == ["defaults", "router-only"] and all(r["seeds"] == 1 for r in rows)
+    assert all(r["broke"] + r["fixed"] <= r["calls"] and len(r["differential"]) == 1 for r in rows)
+    report = json.loads((tmp_path / "answers" / "router-only-s0" / "report.json").read_text())
+    assert report["settings"]["run"]["router_only"] == 0.25 and (tmp_path / "curves.png").stat().st_size > 10_000
+    first = capsys.readouterr().out
+    assert first.count("trained in") == 2 and first.count("evaluated in") == 2 and "net %" in first
+    assert bench.main(argv) == rows  # the second time, everything is there: nothing trains or evaluates again
+    again = capsys.readouterr().out
+    assert "trained in" not in again and "evaluated in" not in again
+
+
 def test_endpoint_a_failure_mid_stream_ends_that_stream_with_an_error_event(served, monkeypatch):
     import openai
     decode = qwen.decode

@@ -51,7 +51,7 @@ def exact(recs: list[dict], name: str) -> list[bool]:
 
 def sweep(run: str, args) -> list[dict]:
     """One row per threshold: skips, perplexity ratios and answers of one run."""
-    model, tok, saved = lr.load_run(run)
+    model, tok, saved = lr.load_run(run, args.device)
     if model.pooling == "reference" and not args.generate:
         raise SystemExit(f"{run}: a reference-recipe run's teacher-forced gates see the answer and the padding, "
                          "its generation's do not: give --generate")
@@ -153,6 +153,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="seed of eval.py's step sample")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if args.plot:
         if len(args.plot) < 2:

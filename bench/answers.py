@@ -1,0 +1,160 @@
+"""Skips that keep the answers: every recipe on one budget and several seeds, evaluated, swept and compared.
+
+For each recipe and seed it trains a run (train.py, resumed from its newest checkpoint where one is
+there, skipped where the run is whole), evaluates it (eval.py, skipped where its report.json is there),
+then sweeps the gate threshold per recipe (bench/threshold.py) and draws tool-call exact match against
+tool-call FLOPs skipped, one curve per recipe. It ends with one table: per recipe, pooled over the
+seeds, the tool calls routing broke and fixed against LoRA-only (greedy), the blocks and FLOPs tool
+calls and planning steps skip, the differential per seed, and GSM8K accuracy. Stopped at any point,
+the same command carries on where it was: each piece is a whole file or absent.
+
+    python bench/answers.py --model DIR --data-dir DATA --device cpu --parallel 2
+    python bench/answers.py --model DIR --data-dir DATA --device cuda --parallel 8 --recipes defaults,reference
+
+DATA: a folder of data files; DIR: a checkpoint folder.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+import layerroute as lr  # noqa: E402
+import qwen  # noqa: E402
+
+BUDGET = "--steps 300 --max-len 512 --batch-size 4 --grad-accum 1 --save-every 25 --log-every 5"
+RECIPES = {
+    "defaults": "",
+    "reference": "--recipe reference",
+    "router-only": "--router-only 0.25",
+    "router-only-argmax": "--router-only 0.25 --cost argmax",
+    "distill": "--distill 0.5",
+    "block-drop": "--block-drop 0.1",
+}
+EVAL = "--n 200 --gen-n 200 --latency-n 0 --kinds tool_call,planning --no-base"
+
+
+def run_state(run: str, steps: int) -> str:
+    """'done' (a whole run of `steps`), 'started' (a checkpoint to resume from) or 'new'."""
+    try:
+        return "done" if lr.read_settings(run)[1].get("step") == steps else "started"
+    except FileNotFoundError:
+        return "new"
+
+
+def step_count(budget: str) -> int:
+    words = budget.split()
+    return int(words[words.index("--steps") + 1])
+
+
+def sh(argv: list[str], log: str, threads: int) -> None:
+    """Run a command with its output in log; a failure stops everything, naming the log."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(log, "a") as f:
+        if subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
+            raise RuntimeError(f"{' '.join(argv[:3])} ... failed: see {log}")
+
+
+def train_and_eval(recipe: str, seed: int, args) -> str:
+    """One run, trained (or resumed) then evaluated, each skipped where already whole; its folder."""
+    run = os.path.join(args.out, f"{recipe}-s{seed}")
+    state = run_state(run, step_count(args.budget))
+    py = [sys.executable]
+    if state != "done":
+        t0 = time.time()
+        sh(py + ["train.py", "--model", args.model, "--data-dir", args.data_dir, "--device", args.device,
+                 "--seed", str(seed), "--out", run, *args.budget.split(), *RECIPES[recipe].split()]
+           + (["--resume"] if state == "started" else []), run + ".train.log", args.threads)
+        print(f"{recipe} seed {seed}: trained in {time.time() - t0:.0f} s", flush=True)
+    if not os.path.exists(os.path.join(run, "report.json")):
+        t0 = time.time()
+        sh(py + ["eval.py", "--run", run, "--data-dir", args.data_dir, "--device", args.device, "--split", args.split,
+                 "--threads", str(args.threads), *args.eval.split()], run + ".eval.log", args.threads)
+        print(f"{recipe} seed {seed}: evaluated in {time.time() - t0:.0f} s", flush=True)
+    return run
+
+
+def summary(recipe: str, runs: list[str]) -> dict:
+    """The pooled numbers of one recipe's evaluated runs."""
+    reps = [qwen.read_json(os.path.join(r, "report.json")) for r in runs]
+    tool = [r["types"]["tool_call"] for r in reps]
+    plan = [r["types"]["planning"] for r in reps]
+    calls = sum(t["task_accuracy"]["n"] for t in tool)
+    broke, fixed = (sum(t["task_accuracy"][k] for t in tool) for k in ("lost", "gained"))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"recipe": recipe, "seeds": len(runs), "calls": calls, "broke": broke, "fixed": fixed,
+            "net_broken_pct": 100 * (broke - fixed) / calls,
+            "exact_lora": mean([t["task_accuracy"]["lora"] for t in tool]),
+            "exact_routed": mean([t["task_accuracy"]["routed"] for t in tool]),
+            "tool_blocks_pct": mean([t["blocks_skipped_pct"] for t in tool]),
+            "tool_flops_pct": mean([t["flops_skipped_pct"] for t in tool]),
+            "planning_blocks_pct": mean([p["blocks_skipped_pct"] for p in plan]),
+            "differential": [r["differential"]["points"] for r in reps],
+            "cut_matched": [(r.get("cut_matched") or {}).get("points") for r in reps],
+            "gsm8k_lora": mean([p["task_accuracy"]["lora"] for p in plan]),
+            "gsm8k_routed": mean([p["task_accuracy"]["routed"] for p in plan]),
+            "gsm8k_n": sum(p["task_accuracy"]["n"] for p in plan)}
+
+
+def print_table(rows: list[dict]):
+    print(f"{'recipe':20}{'seeds':>6}{'calls':>6}{'broke':>6}{'fixed':>6}{'net %':>7}{'exact LoRA':>11}{'routed':>7}"
+          f"{'tool blk%':>10}{'FLOPs%':>7}{'plan blk%':>10}{'GSM8K LoRA':>11}{'routed':>7}  differential per seed")
+    for r in rows:
+        diff = " ".join(f"{d:+.1f}" for d in r["differential"])
+        print(f"{r['recipe']:20}{r['seeds']:>6}{r['calls']:>6}{r['broke']:>6}{r['fixed']:>6}{r['net_broken_pct']:>7.1f}"
+              f"{r['exact_lora']:>11.3f}{r['exact_routed']:>7.3f}{r['tool_blocks_pct']:>10.1f}{r['tool_flops_pct']:>7.1f}"
+              f"{r['planning_blocks_pct']:>10.2f}{r['gsm8k_lora']:>11.3f}{r['gsm8k_routed']:>7.3f}  {diff}")
+    print("(net %: broke minus fixed, of the calls pooled over the seeds; exact match greedy, mean over seeds; "
+          "blocks and FLOPs skipped, LM head counted, mean over seeds)")
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint folder or hub id (train.py --model)")
+    p.add_argument("--data-dir", required=True, help="a folder of data files")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, of: " + ", ".join(
+        f"{k} ({v or 'train.py defaults'})" for k, v in RECIPES.items()))
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated")
+    p.add_argument("--budget", default=BUDGET, help="train.py flags every run shares (default: %(default)s)")
+    p.add_argument("--eval", default=EVAL, help="eval.py flags (default: %(default)s)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="the steps evaluated and swept")
+    p.add_argument("--thresholds", default="0.7,0.6,0.5,0.4,0.3,0.2", help="bench/threshold.py's, for the plot")
+    p.add_argument("--out", default="runs/answers", help="folder of the runs, their logs and the sweeps")
+    p.add_argument("--plot", default="results/answers-vs-flops.png", help="the PNG of the curves")
+    p.add_argument("--parallel", type=int, default=2, help="runs trained or evaluated at once")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    args = p.parse_args(argv)
+    recipes, seeds = args.recipes.split(","), [int(s) for s in args.seeds.split(",")]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        p.error(f"--recipes: unknown {', '.join(unknown)}; expected some of {', '.join(RECIPES)}")
+    os.makedirs(args.out, exist_ok=True)
+    jobs = [(r, s) for s in seeds for r in recipes]  # seed-major: every recipe's first seed comes first
+    with ThreadPoolExecutor(args.parallel) as pool:
+        done = dict(zip(jobs, pool.map(lambda j: train_and_eval(*j, args), jobs)))
+    sweeps = []
+    for r in recipes:
+        sweep = os.path.join(args.out, f"threshold-{r}.json")
+        if not os.path.exists(sweep):
+            extra = ["--generate"] if r == "reference" else []  # its teacher-forced gates see the answer
+            sh([sys.executable, "bench/threshold.py", "--runs", *(done[(r, s)] for s in seeds), "--data-dir",
+                args.data_dir, "--split", args.split, "--n", "200", "--thresholds", args.thresholds, "--threads",
+                str(args.threads), "--device", args.device, "--label", r, "--out", sweep, *extra], sweep[:-5] + ".log", args.threads)
+        sweeps.append(sweep)
+    sh([sys.executable, "bench/threshold.py", "--plot", args.plot, *sweeps], os.path.join(args.out, "plot.log"), 1)
+    rows = [summary(r, [done[(r, s)] for s in seeds]) for r in recipes]
+    print_table(rows)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {args.plot}, {os.path.join(args.out, 'summary.json')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

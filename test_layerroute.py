@@ -3189,7 +3189,7 @@ def test_bench_answers_trains_evaluates_sweeps_and_carries_on_where_it_stopped(t
     train_args(tmp_path)  # the tiny model and data
     argv = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--recipes", "defaults,router-only",
             "--seeds", "0", "--budget", f"--steps 2 --max-len {TINY_LEN} --batch-size 2 --warmup 1 --save-every 1",
-            "--eval", "--n 4 --gen-n 2 --max-new-tokens 3 --latency-n 0 --kinds tool_call,planning --no-base --bootstrap 10",
+            "--eval", "--n 4 --gen-n 1 --max-new-tokens 3 --latency-n 0 --kinds tool_call,planning --no-base --bootstrap 10",
             "--thresholds", "0.5,0.0", "--split", "val", "--out", str(tmp_path / "answers"), "--plot", str(tmp_path / "curves.png")]
     rows = bench.main(argv)
     assert [r["recipe"] for r in rows] == ["defaults", "router-only"] and all(r["seeds"] == 1 for r in rows)

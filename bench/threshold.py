@@ -121,7 +121,8 @@ def plot(files: list[str], out: str):
             saved = json.load(f)
         points = pooled(saved["rows"])
         line, = ax.plot([p["tool_call_flops"] for p in points], [100 * p["exact"] for p in points], "o-",
-                        label=f"{saved['label']} ({len(saved['runs'])} runs, {points[0]['calls']} calls)")
+                        label=f"{saved['label']} ({len(saved['runs'])} run{'s' * (len(saved['runs']) > 1)}, "
+                              f"{points[0]['calls']} calls)")
         for p in points:
             ax.annotate(f"{p['threshold']:g}", (p["tool_call_flops"], 100 * p["exact"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")

@@ -669,7 +669,10 @@ def train(args: argparse.Namespace, stop_at: int | None = None) -> lr.LayerRoute
     ranks = join_ranks(args)
     try:
         with rank0_speaks(ranks):
-            return train_steps(args, ranks, stop_at)
+            model = train_steps(args, ranks, stop_at)
+        if ranks.size > 1:
+            dist.barrier()  # rank 0 may still be saving: a rank that leaves the group first can abort in gloo
+        return model
     except Exception:
         if ranks.size > 1:
             print(f"rank {ranks.rank} of {ranks.size} failed: ending the run (torchrun stops the other ranks)",

@@ -105,7 +105,7 @@ def routing(model, prompt: int, new: int) -> dict | None:
     # The blocks run at every prompt position and at each generated token but the last (sampled, never
     # fed back); the head once per generated token (the prefill keeps the last position's logits only).
     flops = flops_skipped_pct(model.base.cfg, gates, prompt + max(new - 1, 0), heads=max(new, 1))
-    return {"blocks": len(gates), "skipped": skipped, "threshold": model.threshold,
+    return {"blocks": len(gates), "gate_unit": model.gate_unit, "skipped": skipped, "threshold": model.threshold,
             "blocks_skipped_pct": 100.0 * len(skipped) / len(gates), "flops_skipped_pct": flops}
 
 
@@ -478,7 +478,8 @@ def report(reply: Reply, full_ms: float | None) -> str:
     if r is None:
         return f"every block runs (no routers); {speed}"
     skipped = ", ".join(map(str, r["skipped"])) or "none"
-    return (f"skipped {len(r['skipped'])} of {r['blocks']} blocks ({skipped}) at threshold {r['threshold']:g}: "
+    units = "blocks" if r["gate_unit"] == "block" else "half-blocks (2i: block i's attention, 2i + 1: its MLP)"
+    return (f"skipped {len(r['skipped'])} of {r['blocks']} {units} ({skipped}) at threshold {r['threshold']:g}: "
             f"{r['flops_skipped_pct']:.1f}% of the FLOPs, LM head counted; {speed} routed, "
             f"{full_ms:.1f} ms/token with every block on")
 

@@ -60,18 +60,24 @@ def mode(model: lr.LayerRoute, name: str):
 
 def flops_skipped_pct(cfg: qwen.QwenConfig, gates: list[float], length: int, start: int = 0,
                       heads: int | None = None) -> float:
-    """Percent of a forward's FLOPs that closed blocks save, over token positions start..length-1.
+    """Percent of a forward's FLOPs that closed gates save, over token positions start..length-1.
 
+    gates: one per block, or two per block (attention, MLP) with sublayer gates (LayerRoute.gate_unit).
     Position t attends over t + 1 keys. A full forward costs, per position, L blocks plus the LM head
-    (qwen.forward_flops: attention and MLP matmuls, QK^T and AV, the d x vocab head); the routed one
-    drops the closed blocks. start=0, length=prompt+target is the teacher-forced pass; start=prompt
+    (qwen.half_flops: attention's matmuls with QK^T and AV, and the MLP's; the d x vocab head); the
+    routed one drops the closed units. start=0, length=prompt+target is the teacher-forced pass; start=prompt
     length is the decode phase of generation. heads: the positions the head runs at, when not every
     one (a generation's prefill keeps the last logits only). The head is never skipped, which caps the saving.
     """
-    closed = len(gates) - float(sum(gates))
-    blocks = sum(qwen.forward_flops(cfg, t + 1)[0] for t in range(start, length))
+    L = cfg.num_hidden_layers
+    halves = [qwen.half_flops(cfg, t + 1) for t in range(start, length)]
+    attention, mlp = sum(a for a, _ in halves), sum(m for _, m in halves)
+    costs = {L: [attention + mlp] * L, 2 * L: [attention, mlp] * L}.get(len(gates))
+    if costs is None:
+        raise ValueError(f"{len(gates)} gates: expected {L} (one a block) or {2 * L} (attention and MLP apart)")
     head = (length - start if heads is None else heads) * qwen.forward_flops(cfg, 1)[1]
-    return 100.0 * closed * blocks / (len(gates) * blocks + head)
+    skipped = sum(c * (1 - float(g)) for c, g in zip(costs, gates))
+    return 100.0 * skipped / (sum(costs) + head)
 
 
 # ----------------------------------------------------------------------------- teacher forcing
@@ -519,7 +525,9 @@ def figures(report: dict, recs: list[dict]) -> dict:
     w = 0.8 / len(types)
     for k, kind in enumerate(types):
         ax.bar(np.arange(L) + (k - (len(types) - 1) / 2) * w, report["types"][kind]["per_layer_skip_pct"], w, label=kind)
-    ax.set(xlabel="block", ylabel="skipped (% of steps)", ylim=(0, 100),
+    sublayer = report["settings"].get("run", {}).get("gate_unit") == "sublayer"
+    unit = "gate: block i's attention is 2i, its MLP 2i + 1" if sublayer else "block"
+    ax.set(xlabel=unit, ylabel="skipped (% of steps)", ylim=(0, 100),
            title=f"{name}: per-layer skip rate, gate threshold {threshold:g}")
     ax.legend()
     bars.tight_layout()
@@ -699,7 +707,7 @@ def main(argv=None) -> dict:
                           "run_dir": os.path.abspath(args.run), "too_long": summary["too_long"],
                           "device": f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else args.device,
                           "run": {k: run.get(k) for k in ("model", "seed", "step", "steps", "max_len", "gate_grad",
-                                                          "gate_lambda", "price", "flips", "cost", "margin", "router_only")}}
+                                                          "gate_unit", "gate_lambda", "price", "flips", "cost", "margin", "router_only")}}
     report["examples"] = [{k: r[k] for k in ("id", "kind", "prompt_len", "length", "n_target", "nll", "wrong", "gates", "scores")}
                           for r in recs]
     print_table(report)  # first: a write that fails loses no result

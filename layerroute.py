@@ -5,6 +5,9 @@ at block i the router reads the mean of `input_layernorm(h)` over the prompt's r
 first token excluded (its "massive activation" is a constant that a mean turns into a length
 signal), padding excluded, scaled to unit length. sigmoid(router) > 0.5 opens the gate; closed means h_out = h.
 Evaluation may lower that threshold (`LayerRoute.threshold`): then only the surest skips are taken.
+With gate_unit="sublayer" each block has two routers, one for its attention half (reading
+input_layernorm) and one for its MLP half (reading post_attention_layernorm): "block" below then means
+either half.
 
 - The routers learn in one of two ways. Straight-through (the paper): forward uses the hard
   gate, backward the sigmoid, so training computes every block, block(h) is needed even where
@@ -31,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -83,14 +87,36 @@ ATTN = ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
 LORA_TARGETS = {"attn": [ATTN], "all": [ATTN, ("mlp", ("gate_proj", "up_proj", "down_proj"))]}
 
 
+class Unit(NamedTuple):
+    """What one router gates. run(h, cos, sin, kv) -> h; norm: the normalisation its router pools (the one
+    the unit applies first); attends: whether it keeps a KV cache."""
+    run: Callable
+    norm: nn.Module
+    attends: bool
+
+
+# What one router gates: a whole block (the paper's), or each block's attention and MLP halves apart
+# (Router-Tuning skips attention alone; its cost and its harm differ from the MLP's).
+GATE_UNITS = ("block", "sublayer")
+
+
+def gated_units(base: Qwen2, gate_unit: str) -> list[Unit]:
+    """The routed units in order: L blocks, or 2L halves (block i's attention is unit 2i, its MLP 2i + 1)."""
+    if gate_unit == "block":
+        return [Unit(b, b.input_layernorm, True) for b in base.layers]
+    return [u for b in base.layers for u in (Unit(b.attend, b.input_layernorm, True),
+                                             Unit(b.feed, b.post_attention_layernorm, False))]
+
+
 class RoutedCache:
-    """The KV cache of routed generation: the gates decided at prefill, and one KVCache per layer
-    holding only the rows whose gate is open there (None for a layer every row skips).
+    """The KV cache of routed generation: the gates decided at prefill, each unit's open rows, and one
+    KVCache per unit holding only those rows (None for a unit every row skips, or one without attention).
     pad (batch,): each row's left padding, None for none."""
 
     def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None = None):
         self.batch, self.max_len, self.len, self.pad = batch, max_len, 0, pad
-        self.gates: torch.Tensor | None = None  # (B, L), set at prefill
+        self.gates: torch.Tensor | None = None  # (B, U), set at prefill
+        self.rows: list[torch.Tensor] = []  # per unit, the rows that run it
         self.layers: list[KVCache | None] = []
 
 
@@ -98,27 +124,31 @@ class LayerRoute(nn.Module):
     """Wraps a Qwen2: freezes it, adds LoRA and routers, and runs the routed block loop."""
 
     def __init__(self, base: Qwen2, rank: int = 32, alpha: float = 64.0, dropout: float = 0.05,
-                 router_bias: float | list[float] = 0.3, pooling: str = "prompt", targets: str = "all"):
+                 router_bias: float | list[float] = 0.3, pooling: str = "prompt", targets: str = "all",
+                 gate_unit: str = "block"):
         super().__init__()
         if pooling not in ("prompt", "reference"):
             raise ValueError(f"pooling={pooling!r}: expected 'prompt' or 'reference'")
         if targets not in LORA_TARGETS:
             raise ValueError(f"targets={targets!r}: expected one of {sorted(LORA_TARGETS)}")
-        self.base, self.pooling = base, pooling
+        if gate_unit not in GATE_UNITS:
+            raise ValueError(f"gate_unit={gate_unit!r}: expected one of {', '.join(GATE_UNITS)}")
+        self.base, self.pooling, self.gate_unit = base, pooling, gate_unit
         self.settings = dict(rank=rank, alpha=alpha, dropout=dropout, router_bias=router_bias, pooling=pooling,
-                             targets=targets)
+                             targets=targets, gate_unit=gate_unit)
         base.requires_grad_(False)
         for block in base.layers:
             for part, names in LORA_TARGETS[targets]:
                 module = getattr(block, part)
                 for name in names:
                     setattr(module, name, LoRALinear(getattr(module, name), rank, alpha, dropout))
-        d, L = base.cfg.hidden_size, base.cfg.num_hidden_layers
+        self.units = gated_units(base, gate_unit)  # a plain list: the modules are base's, registered there
+        d, U = base.cfg.hidden_size, len(self.units)
         dev = base.embed_tokens.weight.device
-        self.routers = nn.ModuleList(nn.Linear(d, 1, device=dev) for _ in range(L))
+        self.routers = nn.ModuleList(nn.Linear(d, 1, device=dev) for _ in range(U))
         # Neutral start: weight 0 gives every input the same score, sigmoid(bias); the bias is
-        # the same for every layer unless a list is given, so no layer band is pre-selected.
-        biases = router_bias if isinstance(router_bias, list) else [router_bias] * L
+        # the same for every unit unless a list is given, so no layer band is pre-selected.
+        biases = router_bias if isinstance(router_bias, list) else [router_bias] * U
         for router, b in zip(self.routers, biases):
             nn.init.zeros_(router.weight)
             nn.init.constant_(router.bias, b)
@@ -163,9 +193,9 @@ class LayerRoute(nn.Module):
 
     def route(self, i: int, h: torch.Tensor, prompt_lens: torch.Tensor,
               pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Router score of block i for each row (B,): router_score with this model's pooling (pad: each
+        """Router score of unit i for each row (B,): router_score with this model's pooling (pad: each
         row's left padding, at a batched generation's prefill)."""
-        return router_score(self.routers[i], self.base.layers[i].input_layernorm, h, prompt_lens, self.pooling, pad)
+        return router_score(self.routers[i], self.units[i].norm, h, prompt_lens, self.pooling, pad)
 
     def gate(self, s: torch.Tensor) -> torch.Tensor:
         """The 0/1 gate of scores s (B,); straight-through, its gradient is sigmoid's."""
@@ -200,7 +230,7 @@ class LayerRoute(nn.Module):
             self.block_inputs = []
         keep = self.kept_blocks(B, ids.device)
         scores, gates = [], []
-        for i, block in enumerate(base.layers):
+        for i, unit in enumerate(self.units):  # a block, or a block's attention or MLP half (gate_unit)
             if prefill:
                 s = self.route(i, h, prompt_lens, pad)  # (B,)
                 g = self.gate(s) * keep[:, i]
@@ -211,14 +241,16 @@ class LayerRoute(nn.Module):
             if self.block_inputs is not None:
                 self.block_inputs.append(h.detach())
             if mix:  # training computes every block; g*f + (1-g)*h is exactly f or h for a 0/1 gate
-                h = self.recomputed(gated, block, h, g, cos, sin)
+                h = self.recomputed(gated, unit.run, h, g, cos, sin)
                 continue
-            if prefill and cache is not None:  # keep KV only for the rows that run this block
+            if prefill and cache is not None:  # keep KV only for the rows that run this unit
                 rows = g.nonzero().squeeze(-1)
                 rows_pad = None if pad is None else pad.index_select(0, rows)
+                cache.rows.append(rows)
                 cache.layers.append(KVCache(rows, cfg.num_key_value_heads, cache.max_len, cfg.head_dim,
-                                            h.device, h.dtype, rows_pad) if len(rows) else None)
-            h = self.recomputed(self.run_block, i, block, h, g, cos, sin, None if cache is None else cache.layers[i])
+                                            h.device, h.dtype, rows_pad) if unit.attends and len(rows) else None)
+            kv, rows = (None, None) if cache is None else (cache.layers[i], cache.rows[i])
+            h = self.recomputed(self.run_block, unit.run, h, g, cos, sin, kv, rows)
         self.last_scores, self.last_gates = torch.stack(scores, 1), torch.stack(gates, 1).detach()
         if cache is not None:
             cache.gates = self.last_gates if prefill else cache.gates
@@ -254,10 +286,10 @@ class LayerRoute(nn.Module):
         cos, sin = base.rope(0, ids.shape[1], ids.device, h.dtype)
         inputs, scores, gates = [], [], []
         keep = self.kept_blocks(ids.shape[0], ids.device)
-        for i, block in enumerate(base.layers):
+        for i, unit in enumerate(self.units):
             if keep_inputs:
                 inputs.append(h.detach())
-            h, s, g = self.recomputed(self.routed_block, block, self.routers[i], h, cos, sin, prompt_lens,
+            h, s, g = self.recomputed(self.routed_block, unit.run, unit.norm, self.routers[i], h, cos, sin, prompt_lens,
                                       self.pooling, self.threshold, self.open_gates, self.straight_through,
                                       keep[:, i])
             scores.append(s)
@@ -304,15 +336,14 @@ class LayerRoute(nn.Module):
         return target_margins(self.base.norm, self.base.lm_head, h, target_idx, targets)
 
     def flipped(self, k: int, inputs: list[torch.Tensor], gates: torch.Tensor, fixed: bool) -> torch.Tensor:
-        """The last block's output h (B, T, d) with block k's gate flipped: blocks k.. rerun from its kept input."""
+        """The last unit's output h (B, T, d) with unit k's gate flipped: units k.. rerun from its kept input."""
         h = inputs[k]
         gates = gates.clone()
         gates[:, k] = 1 - gates[:, k]
         cos, sin = self.base.rope(0, h.shape[1], h.device, h.dtype)
-        for i in range(k, len(self.base.layers)):
-            block = self.base.layers[i]
-            h = self.gated(block, h, gates[:, i], cos, sin) if fixed else \
-                self.run_block(i, block, h, gates[:, i], cos, sin, None)
+        for i in range(k, len(self.units)):
+            run = self.units[i].run
+            h = self.gated(run, h, gates[:, i], cos, sin) if fixed else self.run_block(run, h, gates[:, i], cos, sin)
         return h
 
     def compile_training(self, **options):
@@ -326,8 +357,8 @@ class LayerRoute(nn.Module):
         self.target_loss = torch.compile(target_loss, **options)
 
     def kept_blocks(self, batch: int, device) -> torch.Tensor:
-        """(B, L) 1 where a row may run a block, 0 where block_drop skips it at random (training only)."""
-        L = len(self.base.layers)
+        """(B, U) 1 where a row may run a unit, 0 where block_drop skips it at random (training only)."""
+        L = len(self.units)
         if not (self.block_drop and self.training and torch.is_grad_enabled()):
             return torch.ones(batch, L, device=device)
         return (torch.rand(batch, L, device=device) >= self.block_drop).float()
@@ -340,17 +371,16 @@ class LayerRoute(nn.Module):
         return fn(*args)
 
     @staticmethod
-    def run_block(i, block, h, g, cos, sin, kv: KVCache | None) -> torch.Tensor:
-        """Compute block i only for the rows whose gate is open; the others pass h through."""
-        if kv is not None:
-            rows = kv.rows
-        else:
+    def run_block(run, h, g, cos, sin, kv: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute a unit (run) only for the rows whose gate is open (rows, where a cache knows them: no wait
+        for the device); the others pass h through."""
+        if rows is None:
             rows = g.nonzero().squeeze(-1)
         if len(rows) == 0:
             return h
         if len(rows) == h.shape[0]:
-            return block(h, cos, sin, kv)
-        return h.index_copy(0, rows, block(h.index_select(0, rows), *rope_rows(cos, sin, rows), kv))
+            return run(h, cos, sin, kv)
+        return h.index_copy(0, rows, run(h.index_select(0, rows), *rope_rows(cos, sin, rows), kv))
 
 
 def router_score(router: nn.Linear, norm: nn.Module, h: torch.Tensor, prompt_lens: torch.Tensor,
@@ -391,19 +421,19 @@ def gate_of(s: torch.Tensor, threshold: float, open_gates: bool, straight_throug
     return hard + (s - s.detach()) if straight_through else hard
 
 
-def gated(block: nn.Module, h: torch.Tensor, g: torch.Tensor, cos, sin) -> torch.Tensor:
-    """The block computed for every row, its output kept where g (B,) is 1: g*f + (1-g)*h is exactly
-    f or h for a 0/1 gate, and its gradient with respect to g is the straight-through one."""
+def gated(run, h: torch.Tensor, g: torch.Tensor, cos, sin) -> torch.Tensor:
+    """The unit (a block or a half) computed for every row, its output kept where g (B,) is 1: g*f + (1-g)*h
+    is exactly f or h for a 0/1 gate, and its gradient with respect to g is the straight-through one."""
     g3 = g.to(h.dtype)[:, None, None]
-    return g3 * block(h, cos, sin) + (1 - g3) * h
+    return g3 * run(h, cos, sin) + (1 - g3) * h
 
 
-def routed_block(block, router, h, cos, sin, prompt_lens, pooling, threshold, open_gates, straight_through, keep):
-    """One block of the fixed-shape pass: its router decides, then gated(). (h, scores, gates).
-    keep (B,): 0 where the row skips the block whatever its router says (block_drop)."""
-    s = router_score(router, block.input_layernorm, h, prompt_lens, pooling)
+def routed_block(run, norm, router, h, cos, sin, prompt_lens, pooling, threshold, open_gates, straight_through, keep):
+    """One unit of the fixed-shape pass (run, the norm its router reads): its router decides, then gated().
+    (h, scores, gates). keep (B,): 0 where the row skips the unit whatever its router says (block_drop)."""
+    s = router_score(router, norm, h, prompt_lens, pooling)
     g = gate_of(s, threshold, open_gates, straight_through) * keep
-    return gated(block, h, g, cos, sin), s, g
+    return gated(run, h, g, cos, sin), s, g
 
 
 def target_loss(norm: nn.Module, head: nn.Module, h: torch.Tensor, target_idx: torch.Tensor,
@@ -629,14 +659,16 @@ def export_merged(model: LayerRoute, base_model: str, out: str):
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     routers = {n: p.detach().float().contiguous().cpu() for n, p in model.routers.named_parameters()}
     atomic_write(os.path.join(out, "routers.safetensors"), lambda tmp: save_file(routers, tmp))
-    write_json(os.path.join(out, "layerroute.json"), {"pooling": model.pooling, "threshold": model.threshold})
+    write_json(os.path.join(out, "layerroute.json"), {"pooling": model.pooling, "threshold": model.threshold,
+                                                      "gate_unit": model.gate_unit})
 
 
 def load_merged(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LayerRoute:
     """The routed model of an export_merged folder: its checkpoint (LoRA inside) with the routers beside it."""
     from qwen import load_model, read_json
     settings = read_json(os.path.join(folder, "layerroute.json"))
-    model = LayerRoute(load_model(folder, device, dtype), rank=1, alpha=1.0, pooling=settings["pooling"])
+    model = LayerRoute(load_model(folder, device, dtype), rank=1, alpha=1.0, pooling=settings["pooling"],
+                       gate_unit=settings.get("gate_unit", "block"))
     model.lora(False)  # the update is in the weights already
     tensors = load_file(os.path.join(folder, "routers.safetensors"))
     with torch.no_grad():

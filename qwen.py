@@ -413,7 +413,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, h: torch.Tensor, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache)
+        return self.feed(self.attend(h, cos, sin, cache))
+
+    # The block's two residual halves, each a step of its own (layerroute.py can gate them apart)
+    def attend(self, h: torch.Tensor, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        return h + self.self_attn(self.input_layernorm(h), cos, sin, cache)
+
+    def feed(self, h: torch.Tensor, cos=None, sin=None, cache=None) -> torch.Tensor:
+        """The MLP half; it takes (and ignores) attend's other arguments, so the two are called alike."""
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -471,11 +478,17 @@ def forward_flops(cfg: QwenConfig, context: int) -> tuple[float, float]:
     embeddings are a lookup (0 FLOPs). Norms (Qwen3's q/k norms too), biases, RoPE, softmax and residual
     adds are omitted (<1%).
     """
+    attention, mlp = half_flops(cfg, context)
+    return attention + mlp, float(2 * cfg.hidden_size * cfg.vocab_size)
+
+
+def half_flops(cfg: QwenConfig, context: int) -> tuple[float, float]:
+    """(attention, MLP): forward_flops' per_block in the block's two halves, as Block.attend and
+    Block.feed compute them."""
     d, hd = cfg.hidden_size, cfg.head_dim
     q_dim, kv_dim = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    weights = d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * cfg.intermediate_size
-    per_block = 2 * weights + 2 * 2 * q_dim * context
-    return float(per_block), float(2 * d * cfg.vocab_size)
+    attention = 2 * (d * q_dim + 2 * d * kv_dim + q_dim * d) + 2 * 2 * q_dim * context
+    return float(attention), float(2 * 3 * d * cfg.intermediate_size)
 
 
 # ----------------------------------------------------------------------------- loading

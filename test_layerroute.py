@@ -1545,6 +1545,49 @@ def test_layerroute_skipped_block_is_exactly_gate_zero(tmp_path):
         assert torch.equal(model(ids), expected)
 
 
+def by_hand(base: qwen.Qwen2, ids: torch.Tensor, gates: list, gate_unit: str = "block") -> torch.Tensor:
+    """Logits (B, T, vocab) through the open units only, written out from the block's own parts: gates
+    has one entry a block, or two (attention, MLP) with sublayer gates."""
+    with torch.no_grad():
+        h = base.embed_tokens(ids)
+        cos, sin = base.rope(0, ids.shape[1], ids.device, h.dtype)
+        per = 1 if gate_unit == "block" else 2
+        for i, b in enumerate(base.layers):
+            attn, mlp = (gates[i], gates[i]) if per == 1 else (gates[2 * i], gates[2 * i + 1])
+            if attn:
+                h = h + b.self_attn(b.input_layernorm(h), cos, sin)
+            if mlp:
+                h = h + b.mlp(b.post_attention_layernorm(h))
+        return base.lm_head(base.norm(h))
+
+
+def test_layerroute_sublayer_gates_skip_attention_and_mlp_apart(tmp_path):
+    base, model = tiny_routed(tmp_path, dropout=0.0, gate_unit="sublayer")
+    assert len(model.routers) == 8 and model.counts()["routers"] == 8 * 65  # two routers a block
+    # closed: block 0's MLP, block 2's attention, block 3's MLP, for every input
+    set_routers(model, [5.0, -5.0, 5.0, 5.0, -5.0, 5.0, 5.0, -5.0])
+    ids = torch.randint(0, 300, (2, 10))
+    gates = [1, 0, 1, 1, 0, 1, 1, 0]
+    expected = by_hand(base, ids, gates, "sublayer")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), expected)  # evaluation computes the open halves only
+        assert model.last_gates.tolist() == [gates] * 2
+        assert torch.equal(model.train()(ids), expected)  # training, measured gates: the open halves only
+        model.straight_through = True  # every half computed, the gate mixes: the same value
+        assert torch.equal(model(ids), expected)
+        at = torch.arange(20) % 3 > 0
+        losses = model.train_forward(ids, torch.tensor([4, 6]), at.nonzero().squeeze(1), ids.flatten()[at], fixed=True)[0]
+        assert torch.allclose(losses, torch.nn.functional.cross_entropy(expected.flatten(0, 1)[at], ids.flatten()[at], reduction="none"),
+                              atol=1e-5)
+        model.open_gates = True
+        assert torch.equal(model.eval()(ids), base(ids))  # every gate open: the base model (LoRA B = 0)
+    # A router of each half reads that half's own norm
+    assert [u.norm for u in model.units[:2]] == [base_block.input_layernorm for base_block in model.base.layers[:1]] + \
+        [model.base.layers[0].post_attention_layernorm]
+    with pytest.raises(ValueError, match="gate_unit='layer'"):
+        lr.LayerRoute(base, gate_unit="layer")
+
+
 def test_layerroute_threshold_opens_gates_above_it_only(tmp_path):
     base, model = tiny_routed(tmp_path, dropout=0.0)
     set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)  # scores spread around 0.5, rows differ
@@ -1562,9 +1605,12 @@ def test_layerroute_threshold_opens_gates_above_it_only(tmp_path):
         assert torch.equal(routed, model(ids))
 
 
-def test_layerroute_flip_losses_equal_a_rerun_with_that_gate_flipped(tmp_path):
-    base, model = tiny_routed(tmp_path, dropout=0.0)  # LoRA B = 0: the routed model is base with blocks dropped
-    set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)  # rows get different gates
+@pytest.mark.parametrize("gate_unit", ["block", "sublayer"])
+def test_layerroute_flip_losses_equal_a_rerun_with_that_gate_flipped(tmp_path, gate_unit):
+    # LoRA B = 0: the routed model is base with units dropped
+    base, model = tiny_routed(tmp_path, dropout=0.0, gate_unit=gate_unit)
+    U = len(model.routers)
+    set_routers(model, [0.0] * U, weight_std=3.0, seed=3)  # rows get different gates
     torch.manual_seed(0)
     ids, prompt_lens = torch.randint(3, 300, (3, 10)), torch.tensor([4, 6, 5])
     at = torch.arange(10) >= prompt_lens[:, None] - 1  # predict every token after the prompt...
@@ -1576,16 +1622,11 @@ def test_layerroute_flip_losses_equal_a_rerun_with_that_gate_flipped(tmp_path):
         _, _, g, inputs = model.train_forward(ids, prompt_lens, target_idx, targets, keep_inputs=True)
     gates = g.bool()
     assert 0 < gates.sum() < gates.numel() and len({tuple(r) for r in gates.tolist()}) > 1
-    for k, fixed in [(k, fixed) for k in range(4) for fixed in (False, True)]:
+    for k, fixed in [(k, fixed) for k in range(U) for fixed in (False, True)]:
         got = model.flip_losses(k, inputs, g, target_idx, targets, target_idx // 10, fixed)
         for b in range(3):
-            blocks = [i for i in range(4) if gates[b, i] != (i == k)]  # row b's gates, block k flipped
-            with torch.no_grad():
-                h = base.embed_tokens(ids[b:b + 1])
-                cos, sin = base.rope(0, 10, ids.device, h.dtype)
-                for i in blocks:
-                    h = base.layers[i](h, cos, sin)
-                logits = base.lm_head(base.norm(h))[0, at[b]]
+            flipped = [int(gates[b, i].item() != (i == k)) for i in range(U)]  # row b's gates, unit k flipped
+            logits = by_hand(base, ids[b:b + 1], flipped, gate_unit)[0, at[b]]
             expected = torch.nn.functional.cross_entropy(logits, ids[b, 1:][at[b, :-1]])  # mean over the row's targets
             assert got[b].item() == pytest.approx(expected.item(), rel=1e-5), (k, b)
 
@@ -1689,9 +1730,10 @@ def test_layerroute_gates_depend_on_prompt_real_tokens_only(tmp_path):
         assert torch.allclose(model.last_scores[0], scores[1], atol=1e-6)
 
 
-def test_layerroute_routed_generation_equals_teacher_forcing(tmp_path):
-    _, model = tiny_routed(tmp_path)
-    set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)
+@pytest.mark.parametrize("gate_unit", ["block", "sublayer"])
+def test_layerroute_routed_generation_equals_teacher_forcing(tmp_path, gate_unit):
+    _, model = tiny_routed(tmp_path, gate_unit=gate_unit)
+    set_routers(model, [0.0] * len(model.routers), weight_std=3.0, seed=3)
     model.eval()
     prompt = torch.randint(3, 300, (4, 7))
     with torch.no_grad():
@@ -1705,9 +1747,13 @@ def test_layerroute_routed_generation_equals_teacher_forcing(tmp_path):
         teacher = model(full, torch.full((4,), 7))
     assert torch.equal(model.last_gates, gates)
     assert (torch.cat(logits, 1) - teacher).abs().max() <= 1e-4
-    for i, kv in enumerate(cache.layers):  # KV only for the rows that ran the block
+    for i, (kv, unit) in enumerate(zip(cache.layers, model.units)):  # KV only for the rows that ran attention
         open_rows = gates[:, i].nonzero().squeeze(-1)
-        assert (kv is None and len(open_rows) == 0) or torch.equal(kv.rows, open_rows)
+        assert torch.equal(cache.rows[i], open_rows)
+        if unit.attends:
+            assert (kv is None and len(open_rows) == 0) or torch.equal(kv.rows, open_rows)
+        else:
+            assert kv is None  # an MLP half keeps no cache
     assert qwen.generate(model, prompt[:1], 5) == qwen.generate(model, prompt[:2], 5)[:1]
 
 
@@ -1863,13 +1909,13 @@ def test_peft_export_loads_in_peft_with_our_lora_only_logits(tmp_path, targets):
         assert (model(ids) - ref).abs().max() > 1e-3  # the adapter is in there: base logits differ
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_merged_export_loads_in_qwen_and_transformers_and_routes_again(tmp_path, tie):
+@pytest.mark.parametrize("tie,gate_unit", [(True, "block"), (False, "block"), (True, "sublayer")])
+def test_merged_export_loads_in_qwen_and_transformers_and_routes_again(tmp_path, tie, gate_unit):
     from transformers import Qwen2ForCausalLM
     write_checkpoint(tmp_path / "m", tie=tie)
     write_tiny_tokenizer(tmp_path / "m")
-    model = lr.LayerRoute(qwen.load_model(str(tmp_path / "m")), rank=4, alpha=8)
-    set_routers(model, [0.0] * 4, weight_std=3.0, seed=15)  # rows get different gates
+    model = lr.LayerRoute(qwen.load_model(str(tmp_path / "m")), rank=4, alpha=8, gate_unit=gate_unit)
+    set_routers(model, [0.0] * len(model.routers), weight_std=3.0, seed=15)  # rows get different gates
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -2027,7 +2073,8 @@ def test_layerroute_defaults_are_the_default_recipe():
     assert args.recipe == "layerroute"
     defaults = {k: p.default for k, p in inspect.signature(lr.LayerRoute).parameters.items() if k != "base"}
     assert defaults == dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                            router_bias=args.router_bias, pooling=args.pooling, targets=args.lora_targets)
+                            router_bias=args.router_bias, pooling=args.pooling, targets=args.lora_targets,
+                            gate_unit=args.gate_unit)
     assert lr.LayerRoute(qwen25_on_meta()).straight_through == (args.gate_grad == "ste")
 
 
@@ -2331,7 +2378,7 @@ def test_train_never_writes_through_a_planted_link(tmp_path):
     assert outside.read_text() == "keep" and json.loads((out / "report.json").read_text()) == {"a": 2}
 
 
-def fast_and_eager_steps(tmp_path, mode):
+def fast_and_eager_steps(tmp_path, mode, gate_unit="block"):
     """One micro-batch's loss and gradients through train.micro_loss, eager and fixed-shape (compiled)."""
     if not (tmp_path / "model" / "config.json").exists():
         write_checkpoint(tmp_path / "model", layers=4)
@@ -2342,10 +2389,11 @@ def fast_and_eager_steps(tmp_path, mode):
         args = train.parse_args(["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"),
                                  "--device", "cpu", "--max-len", TINY_LEN, "--batch-size", "4", "--gate-grad", mode,
                                  "--flips", "3", "--lora-dropout", "0", "--out", str(tmp_path / "run"),
-                                 "--fast" if fast else "--no-fast"])
+                                 "--gate-unit", gate_unit, "--fast" if fast else "--no-fast"])
         model, _ = train.build(args)
         model.straight_through = mode == "ste"
-        set_routers(model, [0.0] * 4, weight_std=3.0, seed=38)  # rows get 2 patterns of gates
+        # rows get 2 patterns of gates, and some blocks are closed for every row
+        set_routers(model, [0.0] * len(model.routers), weight_std=3.0, seed=38 if gate_unit == "block" else 68)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -2363,11 +2411,11 @@ def fast_and_eager_steps(tmp_path, mode):
     return out
 
 
-@pytest.mark.parametrize("mode", ["ste", "measured"])
-def test_train_fast_step_equals_eager_step(tmp_path, mode):
+@pytest.mark.parametrize("mode,gate_unit", [("ste", "block"), ("measured", "block"), ("measured", "sublayer")])
+def test_train_fast_step_equals_eager_step(tmp_path, mode, gate_unit):
     # The fixed-shape step computes every block for every row, keeps it by the gate, runs compiled and pads
     # rows to 16 tokens; the eager step (measured: closed blocks not computed at all) is the reference.
-    out = fast_and_eager_steps(tmp_path, mode)
+    out = fast_and_eager_steps(tmp_path, mode, gate_unit)
     (lm0, gate0, gates0, grads0, shape0), (lm1, gate1, gates1, grads1, shape1) = out[False], out[True]
     assert shape1[1] % 16 == 0 and shape1[1] > shape0[1]  # padded: the same loss from more positions
     assert 0 < gates0.sum() < gates0.numel() and len({tuple(r) for r in gates0.tolist()}) > 1  # mixed gates
@@ -2375,7 +2423,8 @@ def test_train_fast_step_equals_eager_step(tmp_path, mode):
     assert lm1 == pytest.approx(lm0, rel=1e-6) and gate1 == pytest.approx(gate0, rel=1e-5, abs=1e-7)
     for n, g in grads0.items():
         assert torch.allclose(grads1[n], g, rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9), n
-    closed = [i for i in range(4) if gates0[:, i].sum() == 0]  # a block every row skips: its LoRA learns nothing
+    per = gates0.shape[1] // 4  # gates a block: a block every row skips (both halves) has LoRA that learns nothing
+    closed = [i for i in range(4) if gates0[:, per * i:per * (i + 1)].sum() == 0]
     assert closed and all(grads1[n].abs().max() == 0 for n in grads1 if any(f"layers.{i}." in n for i in closed))
     if mode == "ste":
         assert all(g.abs().sum() > 0 for n, g in grads0.items() if n.startswith("routers."))
@@ -2383,11 +2432,12 @@ def test_train_fast_step_equals_eager_step(tmp_path, mode):
         assert sum(g.abs().sum() > 0 for n, g in grads0.items() if n.startswith("routers.")) >= 2
 
 
-def test_train_fixed_shape_pass_compiles_as_one_graph(tmp_path):
+@pytest.mark.parametrize("gate_unit", ["block", "sublayer"])
+def test_train_fixed_shape_pass_compiles_as_one_graph(tmp_path, gate_unit):
     # fullgraph=True fails on anything that waits for the device (.item(), nonzero(), a boolean mask):
     # the whole fixed-shape pass and a flip rerun trace as single graphs, so neither syncs with the host.
-    _, model = tiny_routed(tmp_path, dropout=0.0)
-    set_routers(model, [0.0] * 4, weight_std=3.0, seed=3)
+    _, model = tiny_routed(tmp_path, dropout=0.0, gate_unit=gate_unit)
+    set_routers(model, [0.0] * len(model.routers), weight_std=3.0, seed=3)
     ids, lens = torch.randint(3, 300, (3, 16)), torch.tensor([5, 9, 12])
     target_idx = torch.tensor([5, 6, 7, 25, 26, 41, 42, 43, 44])
     targets, rows = ids.flatten()[target_idx + 1], target_idx // 16
@@ -2623,6 +2673,17 @@ def test_eval_flops_skipped_hand_count():
     # A generation: blocks at 3 positions, the head at the last only (its prefill keeps one row of logits).
     assert ev.flops_skipped_pct(cfg, [1, 0, 1, 0], 3, heads=1) == pytest.approx(100 * 2 * blocks3 / (4 * blocks3 + head))
     assert ev.flops_skipped_pct(cfg, [1, 1, 1, 1], 9) == 0.0
+    # Sublayer gates, (attention, MLP) per block: attention is q/k/v/o plus QK^T and AV, the MLP gate/up/down.
+    attention = lambda ctx: 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64) + 2 * 2 * 64 * ctx  # noqa: E731
+    mlp = 2 * 3 * 64 * 96
+    attn3 = attention(1) + attention(2) + attention(3)
+    assert attn3 + 3 * mlp == blocks3
+    closed = 2 * attn3 + 3 * mlp  # two attention halves and one MLP closed, each at 3 positions
+    assert ev.flops_skipped_pct(cfg, [0, 1, 1, 0, 0, 1, 1, 1], 3) == pytest.approx(
+        100 * closed / (4 * blocks3 + 3 * head), rel=1e-12)
+    assert ev.flops_skipped_pct(cfg, [0, 0] * 4, 3) == ev.flops_skipped_pct(cfg, [0] * 4, 3)  # both halves: the block
+    with pytest.raises(ValueError, match="5 gates: expected 4"):
+        ev.flops_skipped_pct(cfg, [1] * 5, 3)
 
 
 def test_eval_skips_and_perplexities_match_a_direct_computation(tmp_path, one_thread):
@@ -2879,6 +2940,23 @@ def test_train_and_eval_run_on_each_family(tmp_path, family, one_thread):
     tool = rep["types"]["tool_call"]  # --no-base: LoRA-only and routed alone
     assert tool["ppl_base"] is None and "base" not in tool["forced_exact"] and "base" not in tool["task_accuracy"]
     assert all(t["ppl_routed"] > 1 and len(t["per_layer_skip_pct"]) == 2 for t in rep["types"].values())
+
+
+def test_train_and_eval_with_sublayer_gates(tmp_path, one_thread):
+    run = str(tmp_path / "run")
+    train.train(train_args(tmp_path, "--steps", "2", "--gate-unit", "sublayer", "--out", run))
+    settings = lr.read_settings(run)[1]
+    assert settings["gate_unit"] == settings["lora"]["gate_unit"] == "sublayer"
+    model = lr.load_run(run)[0]
+    assert len(model.routers) == 4 and [u.attends for u in model.units] == [True, False, True, False]
+    rep = ev.main(["--run", run, "--split", "all", "--n", "4", "--gen-n", "1", "--max-new-tokens", "4",
+                   "--latency-n", "0", "--bootstrap", "10", "--kinds", "tool_call,planning", "--no-base"])
+    assert all(len(t["per_layer_skip_pct"]) == 4 for t in rep["types"].values())  # 2 blocks, 2 halves each
+    assert rep["settings"]["run"]["gate_unit"] == "sublayer"
+    # refused naming the flag, and --flips, whose default follows the routers' count (4 halves, 2 blocks)
+    with pytest.raises(ValueError, match="--flips 2 but the run in .* used 4; --gate-unit block but the run in .* "
+                                         "used sublayer"):
+        train.train(train_args(tmp_path, "--steps", "2", "--out", run, "--resume"))
 
 
 def test_eval_checks_its_output_before_the_work_and_prints_before_writing(tmp_path, capsys, monkeypatch, one_thread):

@@ -128,6 +128,9 @@ def parser() -> argparse.ArgumentParser:
                    "no gradient) instead of the data's token: the loss then also prices what a skip changes "
                    "beyond the target's probability, and so do the measured costs; the logged lm loss includes "
                    "the teacher's entropy (0: the data's tokens alone)")
+    p.add_argument("--gate-unit", choices=list(lr.GATE_UNITS), default="block", help="what one router gates: "
+                   "block (a whole block, the paper's), or sublayer (each block's attention and MLP apart, two "
+                   "routers a block: attention alone can close where the MLP is needed, and costs less)")
     p.add_argument("--block-drop", type=qwen.number(float, lo=0, below=1), default=0.0, help="training only: the "
                    "chance that a row skips a block whatever its router says (LayerSkip's layer dropout), so that "
                    "LoRA learns to do without any one block; the logged skip shares count these skips too")
@@ -215,10 +218,11 @@ def build(args: argparse.Namespace):
 def wrap(base: qwen.Qwen2, args: argparse.Namespace) -> lr.LayerRoute:
     """LoRA and routers around base, as the resolved flags say."""
     L = base.cfg.num_hidden_layers
+    per_block = len(lr.gated_units(base, args.gate_unit)) // L  # routers a block: 1, or 2 with sublayer gates
     bias = args.router_bias if args.router_init == "neutral" else \
-        [-args.router_bias if L // 3 <= i < 2 * L // 3 else args.router_bias for i in range(L)]
+        [-args.router_bias if L // 3 <= i // per_block < 2 * L // 3 else args.router_bias for i in range(L * per_block)]
     model = lr.LayerRoute(base, args.lora_rank, args.lora_alpha, args.lora_dropout, bias, args.pooling,
-                          args.lora_targets)
+                          args.lora_targets, args.gate_unit)
     model.straight_through = args.gate_grad == "ste"
     model.checkpoint_blocks = args.checkpoint_blocks  # read by LayerRoute's training pass
     model.block_drop = args.block_drop
@@ -338,10 +342,11 @@ def restore(model, opt, args, processes: int = 1, writes: bool = True) -> tuple[
     folder = lr.latest_checkpoint(args.out)
     saved = qwen.read_json(os.path.join(folder, "run.json"))
     defaults = parser()  # a flag newer than the run: the run used what its default does
-    for k, v in vars(args).items():
-        if k not in RESUME_FREE and saved.get(k, defaults.get_default(k)) != v:
-            raise ValueError(f"--resume: --{k.replace('_', '-')} {v} but the run in {args.out} used "
-                             f"{saved.get(k)}: resume with the run's settings, or train afresh into another --out")
+    changed = [f"--{k.replace('_', '-')} {v} but the run in {args.out} used {saved.get(k)}"
+               for k, v in vars(args).items() if k not in RESUME_FREE and saved.get(k, defaults.get_default(k)) != v]
+    if changed:  # every one named: a default resolved from another flag (--flips) may differ only through it
+        raise ValueError(f"--resume: {'; '.join(changed)}: resume with the run's settings, or train afresh into "
+                         "another --out")
     before = saved.get("processes", 1)
     if before != processes and args.lora_dropout > 0:  # the other settings leave the result to round-off
         raise ValueError(f"--resume: {processes} processes but the run in {args.out} used {before}, and the LoRA "

@@ -35,6 +35,8 @@ RECIPES = {
     "router-only-argmax": "--router-only 0.25 --cost argmax",
     "distill": "--distill 0.5",
     "block-drop": "--block-drop 0.1",
+    # attention and MLP gated apart: twice the routers, twice the flips, each router measured as often
+    "sublayer": "--gate-unit sublayer --flips 12",
 }
 EVAL = "--n 200 --gen-n 200 --latency-n 0 --kinds tool_call,planning --no-base"
 

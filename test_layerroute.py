@@ -3255,7 +3255,11 @@ def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path,
                                                      "rows": rows + [{**r, "run": "b"} for r in rows]}))
     (point,) = [p for p in bench.pooled(json.loads((tmp_path / "other.json").read_text())["rows"]) if p["threshold"] == 0.5]
     assert point["calls"] == 2 * rows[0]["calls"] and point["exact"] == rows[0]["right"] / rows[0]["calls"]
-    bench.main(["--plot", str(tmp_path / "curves.png"), str(tmp_path / "ours.json"), str(tmp_path / "other.json")])
+    (tmp_path / "more.json").write_text(json.dumps({**saved, "runs": ["c"], "rows": [{**r, "run": "c"} for r in rows]}))
+    joined = bench.by_label([str(tmp_path / n) for n in ("ours.json", "other.json", "more.json")])
+    assert joined["ours"]["runs"] == [str(tmp_path / "run"), "c"] and len(joined["ours"]["rows"]) == 2 * len(rows)
+    bench.main(["--plot", str(tmp_path / "curves.png"), str(tmp_path / "ours.json"), str(tmp_path / "other.json"),
+                str(tmp_path / "more.json")])
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out
 
 

@@ -110,18 +110,28 @@ def pooled(rows: list[dict]) -> list[dict]:
     return out
 
 
+def by_label(files: list[str]) -> dict[str, dict]:
+    """Saved sweeps, those with the same label joined into one (say, seeds swept at different times)."""
+    curves = {}
+    for path in files:
+        with open(path) as f:
+            saved = json.load(f)
+        curve = curves.setdefault(saved["label"], {"runs": [], "rows": []})
+        curve["runs"] += saved["runs"]
+        curve["rows"] += saved["rows"]
+    return curves
+
+
 def plot(files: list[str], out: str):
-    """Tool-call exact match against tool-call FLOPs skipped, one curve per saved sweep."""
+    """Tool-call exact match against tool-call FLOPs skipped, one curve per label, pooled over its runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for path in files:
-        with open(path) as f:
-            saved = json.load(f)
+    for label, saved in by_label(files).items():
         points = pooled(saved["rows"])
         line, = ax.plot([p["tool_call_flops"] for p in points], [100 * p["exact"] for p in points], "o-",
-                        label=f"{saved['label']} ({len(saved['runs'])} run{'s' * (len(saved['runs']) > 1)}, "
+                        label=f"{label} ({len(saved['runs'])} run{'s' * (len(saved['runs']) > 1)}, "
                               f"{points[0]['calls']} calls)")
         for p in points:
             ax.annotate(f"{p['threshold']:g}", (p["tool_call_flops"], 100 * p["exact"]), fontsize=7,
@@ -143,7 +153,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--runs", nargs="+", help="run folders written by train.py")
     p.add_argument("--label", help="the name of these runs' curve in --plot (e.g. the recipe)")
     p.add_argument("--out", help="save the rows as JSON (with --label) for --plot")
-    p.add_argument("--plot", nargs="+", metavar=("PNG", "JSON"), help="PNG then saved sweeps: draw them, run nothing")
+    p.add_argument("--plot", nargs="+", metavar=("PNG", "JSON"), help="PNG then saved sweeps: draw them, run nothing "
+                   "(sweeps with the same --label make one curve)")
     p.add_argument("--data-dir", help="data to evaluate on (default: each run's own --data-dir)")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--n", type=int, default=200, help="at most this many steps per type (eval.py's sample)")

@@ -352,6 +352,10 @@ class LayerRoute(nn.Module):
         symbolic sequence length, and serves every block: the weights are inputs of the graph."""
         # fullgraph: a piece that needed the host (.item(), nonzero(), a boolean mask) fails here, loudly
         options = {"dynamic": True, "fullgraph": True, **options}
+        # A few graphs per model (attention or MLP half, a first block without gradient, STE or not), and
+        # dynamo keeps them per function: a process that trains several models (a notebook, the tests)
+        # would pass the default limit of 8 and, with fullgraph, fail.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.routed_block = torch.compile(routed_block, **options)
         self.gated = torch.compile(gated, **options)
         self.target_loss = torch.compile(target_loss, **options)

@@ -348,8 +348,8 @@ class LayerRoute(nn.Module):
 
     def compile_training(self, **options):
         """torch.compile the pieces of the fixed-shape pass: a routed block with its backward, a gated
-        block without gradient (the flips) and the head with its loss. Each compiles once, with a
-        symbolic sequence length, and serves every block: the weights are inputs of the graph."""
+        block without gradient (the flips) and the head with its loss. Each compiles a few graphs, with a
+        symbolic sequence length, that serve every block: the weights are inputs of the graph."""
         # fullgraph: a piece that needed the host (.item(), nonzero(), a boolean mask) fails here, loudly
         options = {"dynamic": True, "fullgraph": True, **options}
         # A few graphs per model (attention or MLP half, a first block without gradient, STE or not), and

@@ -333,7 +333,7 @@ def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, o
     acc, texts, right = {"n": len(items)}, [{} for _ in items], {}
     for name in modes:
         with mode(model, name):
-            right[name], said = greedy_answers(model, tok, items, max_new_tokens, gen_batch)
+            right[name], said, _ = greedy_answers(model, tok, items, max_new_tokens, gen_batch)
         for j, text in enumerate(said):
             texts[j][name] = text
         acc[name] = sum(right[name]) / len(items) if items else None
@@ -344,20 +344,21 @@ def task_accuracy(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, o
 
 
 def greedy_answers(model: lr.LayerRoute, tok, items: list[tuple[list[int], str, object]],
-                   max_new_tokens: int, gen_batch: int = GEN_BATCH) -> tuple[list[bool | None], list[str]]:
+                   max_new_tokens: int, gen_batch: int = GEN_BATCH) -> tuple[list[bool | None], list[str], list[list]]:
     """Greedy generation of each (prompt_ids, kind, answer) in the model's current mode, gen_batch
     prompts at a time (left-padded, each row routed and decoded as it would be alone): whether each
-    answer is right, and the texts, in the items' order. The reference recipe's router pools the padding
-    too, so its prompts go one at a time."""
+    answer is right, the texts, and the gates each prompt was decoded with, in the items' order. The
+    reference recipe's router pools the padding too, so its prompts go one at a time."""
     stop = qwen.stop_ids(model.base.cfg, tok)
     gen_batch = 1 if model.pooling == "reference" else gen_batch
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths: little padding
-    texts = [""] * len(items)
+    texts, gates = [""] * len(items), [[]] * len(items)
     for s in range(0, len(order), gen_batch):
         rows = order[s:s + gen_batch]
-        for i, new in zip(rows, qwen.generate(model, [items[i][0] for i in rows], max_new_tokens, stop)):
+        for j, (i, new) in enumerate(zip(rows, qwen.generate(model, [items[i][0] for i in rows], max_new_tokens, stop))):
             texts[i] = tok.decode(new, skip_special_tokens=False)
-    return [answer_correct(kind, text, answer) for (_, kind, answer), text in zip(items, texts)], texts
+            gates[i] = model.last_gates[j].tolist()  # the prefill's decision, which every decode step reused
+    return [answer_correct(kind, text, answer) for (_, kind, answer), text in zip(items, texts)], texts, gates
 
 
 # ----------------------------------------------------------------------------- latency

@@ -2859,6 +2859,12 @@ def test_eval_batched_greedy_answers_are_the_one_at_a_time_ones(tmp_path, one_th
             assert ev.greedy_answers(model, tok, items, 6, gen_batch=4) == one, name  # batches of 4 and 2
         lengths[name] = [len(t.split()) for t in one[1]]
     assert lengths["lora"][0] == 1 and 6 in lengths["lora"]  # a row that stopped, in a batch that went on
+    with ev.mode(model, "routed"):  # the gates returned are each prompt's own prefill decision
+        gates = ev.greedy_answers(model, tok, items, 6, gen_batch=4)[2]
+        for p, g in zip(prompts, gates):
+            model(torch.tensor([p]))
+            assert model.last_gates[0].tolist() == g
+    assert len({tuple(g) for g in gates}) > 1  # routed apart, so a row's gates cannot stand in for another's
     model.pooling = "reference"  # its gates depend on padding: generated one at a time, whatever gen_batch says
     assert ev.greedy_answers(model, tok, items, 6, gen_batch=4) == ev.greedy_answers(model, tok, items, 6, gen_batch=1)
 
@@ -3249,6 +3255,9 @@ def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path,
     assert [r["threshold"] for r in rows] == [0.5, 0.0] and rows[1]["tool_call"] == 0.0 == rows[1]["tool_call_flops"]
     assert rows[1]["broke"] == rows[1]["fixed"] == 0 == rows[1]["greedy_broke"]  # every gate open: LoRA-only itself
     assert rows[0]["greedy_lora_right"] <= rows[0]["calls"] and rows[0]["right"] <= rows[0]["calls"]
+    # Gates pooled over the prompt alone: generation decides what teacher forcing does, at the same FLOPs.
+    assert all(r["greedy_tool_call_flops"] == pytest.approx(r["tool_call_flops"]) for r in rows)
+    assert [p["exact"] for p in bench.pooled(rows, greedy=True)] == [r["greedy_right"] / r["calls"] for r in rows]
     saved = json.loads((tmp_path / "ours.json").read_text())
     assert saved["label"] == "ours" and saved["rows"] == rows
     (tmp_path / "other.json").write_text(json.dumps({**saved, "label": "other", "runs": ["a", "b"],

@@ -10,7 +10,8 @@ target token the argmax, which is what greedy decoding reproduces, at the cost o
 --generate also decodes each call (greedy_* fields). With several runs, the broken and fixed
 answers are pooled per threshold (McNemar). --out saves the rows under a --label;
 --plot draws tool-call exact match against tool-call FLOPs skipped (LM head counted), pooled over
-the runs of each saved file, one curve per file: a recipe's trade-off, threshold by threshold.
+the runs of each saved file, one curve per file: a recipe's trade-off, threshold by threshold (as
+generation had them, where the sweep was run with --generate).
 
 Choose a threshold on --split val, then read it on test: choosing it on the test calls is tuning
 on them. DATA: a folder of data files.
@@ -61,12 +62,13 @@ def sweep(run: str, args) -> list[dict]:
     enc = {k: [data.encode(s, tok, max_len) for s in ss] for k, ss in by_kind.items()}
     examples = [(p, t, k) for k, pts in enc.items() for p, t in pts]
     calls = [(p, "tool_call", s.answer) for (p, _), s in zip(enc["tool_call"], by_kind["tool_call"])]
+    call_lens = [len(p) + len(t) for p, t in enc["tool_call"]]
     pad = data.pad_id(tok)
     lora = eval_.teacher_forced(model, examples, args.batch_size, pad, modes=("lora",))
     lora_right = exact(lora, "lora")
     if args.generate:
         with eval_.mode(model, "lora"):
-            greedy_lora, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+            greedy_lora = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)[0]
     rows = []
     for t in args.thresholds:
         t0 = time.time()
@@ -78,9 +80,13 @@ def sweep(run: str, args) -> list[dict]:
                "right": sum(right), "broke": broke, "fixed": fixed}
         if args.generate:
             with eval_.mode(model, "routed"):
-                greedy, _ = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+                greedy, _, gates = eval_.greedy_answers(model, tok, calls, args.max_new_tokens)
+            # The gates generation decided, over the call's prompt and target: for the reference recipe
+            # they differ from teacher forcing's, whose router also pools the answer.
+            flops = [eval_.flops_skipped_pct(model.base.cfg, g, n) for g, n in zip(gates, call_lens)]
             row.update(zip(("greedy_broke", "greedy_fixed"), eval_.broke_fixed(greedy_lora, greedy)),
-                       greedy_lora_right=sum(greedy_lora), greedy_right=sum(greedy))
+                       greedy_lora_right=sum(greedy_lora), greedy_right=sum(greedy),
+                       greedy_tool_call_flops=sum(flops) / len(flops))
         for kind in ("tool_call", "planning"):
             row[kind] = skipped_pct(recs, kind)
             row[kind + "_flops"] = eval_.mean_flops_skipped_pct(model.base.cfg, [r for r in recs if r["kind"] == kind])
@@ -91,22 +97,26 @@ def sweep(run: str, args) -> list[dict]:
               f"planning {row['planning']:5.2f}% (x{row['planning_x']:.3f}), differential "
               f"{row['tool_call'] - row['planning']:+.1f} points; exact match {row['lora_right']}/{len(calls)} LoRA-only, "
               f"{row['right']}/{len(calls)} routed (broke {row['broke']}, fixed {row['fixed']}; teacher-forced)"
-              + (f"; greedy {row['greedy_lora_right']} and {row['greedy_right']}" if args.generate else "") + f" "
+              + (f"; greedy {row['greedy_lora_right']} and {row['greedy_right']} at "
+                 f"{row['greedy_tool_call_flops']:.1f}% of FLOPs" if args.generate else "") + f" "
               f"[{time.time() - t0:.0f} s]", flush=True)
     return rows
 
 
-def pooled(rows: list[dict]) -> list[dict]:
+def pooled(rows: list[dict], greedy: bool = False) -> list[dict]:
     """Per threshold over the runs: exact match (routed and LoRA-only, of every call), the mean tool-call
-    FLOPs and blocks skipped, and the answers broken and fixed."""
+    FLOPs and blocks skipped, and the answers broken and fixed; greedy: exact match and FLOPs as
+    generation had them (rows swept with --generate)."""
+    g = "greedy_" if greedy else ""
     out = []
     for t in sorted({r["threshold"] for r in rows}, reverse=True):
         at = [r for r in rows if r["threshold"] == t]
         calls = sum(r["calls"] for r in at)
-        out.append({"threshold": t, "calls": calls, "exact": sum(r["right"] for r in at) / calls,
-                    "lora_exact": sum(r["lora_right"] for r in at) / calls,
-                    "broke": sum(r["broke"] for r in at), "fixed": sum(r["fixed"] for r in at),
-                    **{k: sum(r[k] for r in at) / len(at) for k in ("tool_call", "tool_call_flops", "planning")}})
+        out.append({"threshold": t, "calls": calls, "exact": sum(r[g + "right"] for r in at) / calls,
+                    "lora_exact": sum(r[g + "lora_right"] for r in at) / calls,
+                    "broke": sum(r[g + "broke"] for r in at), "fixed": sum(r[g + "fixed"] for r in at),
+                    "tool_call_flops": sum(r[g + "tool_call_flops"] for r in at) / len(at),
+                    **{k: sum(r[k] for r in at) / len(at) for k in ("tool_call", "planning")}})
     return out
 
 
@@ -129,16 +139,19 @@ def plot(files: list[str], out: str):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for label, saved in by_label(files).items():
-        points = pooled(saved["rows"])
+        # A curve swept with --generate is drawn as generation has it: the reference recipe's
+        # teacher-forced gates see the answer, so only its generated calls say what it keeps.
+        greedy = all("greedy_tool_call_flops" in r for r in saved["rows"])
+        points = pooled(saved["rows"], greedy)
         line, = ax.plot([p["tool_call_flops"] for p in points], [100 * p["exact"] for p in points], "o-",
                         label=f"{label} ({len(saved['runs'])} run{'s' * (len(saved['runs']) > 1)}, "
-                              f"{points[0]['calls']} calls)")
+                              f"{points[0]['calls']} calls{', greedy' * greedy})")
         for p in points:
             ax.annotate(f"{p['threshold']:g}", (p["tool_call_flops"], 100 * p["exact"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.axhline(100 * points[0]["lora_exact"], color=line.get_color(), ls=":", lw=1)
     ax.set_xlabel("tool-call FLOPs skipped, LM head counted (%)")
-    ax.set_ylabel("tool-call exact match, teacher-forced (%)")
+    ax.set_ylabel("tool-call exact match (%): teacher-forced, or greedy")
     ax.set_title("Answers kept against compute skipped (dotted: LoRA-only; labels: threshold)", fontsize=9)
     ax.set_ylim(0, 100)
     ax.set_xlim(left=0)

@@ -3267,8 +3267,16 @@ def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path,
     (tmp_path / "more.json").write_text(json.dumps({**saved, "runs": ["c"], "rows": [{**r, "run": "c"} for r in rows]}))
     joined = bench.by_label([str(tmp_path / n) for n in ("ours.json", "other.json", "more.json")])
     assert joined["ours"]["runs"] == [str(tmp_path / "run"), "c"] and len(joined["ours"]["rows"]) == 2 * len(rows)
+    (tmp_path / "later.json").write_text(json.dumps({**saved, "rows": [{**r, "threshold": 0.7} for r in rows[:1]]}))
+    later = bench.by_label([str(tmp_path / "ours.json"), str(tmp_path / "later.json")])["ours"]
+    assert later["runs"] == [str(tmp_path / "run")] and len(later["rows"]) == len(rows) + 1  # one run, swept twice
+    for seed, rights in enumerate([[True, False], [True, True, False]]):  # LoRA alone's records, two seeds
+        (tmp_path / f"alone{seed}.json").write_text(json.dumps({"exact_match": {"right": {
+            f"call{i}": {"lora_only": r} for i, r in enumerate(rights)}}}))
+    alone = [str(tmp_path / "alone0.json"), str(tmp_path / "alone1.json")]
+    assert bench.alone_exact(alone) == (3 / 5, 5)  # pooled by call, not averaged by seed (which gives 7/12)
     bench.main(["--plot", str(tmp_path / "curves.png"), str(tmp_path / "ours.json"), str(tmp_path / "other.json"),
-                str(tmp_path / "more.json")])
+                str(tmp_path / "more.json"), "--alone", *alone])
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out
 
 
@@ -3289,9 +3297,18 @@ def test_bench_answers_trains_evaluates_sweeps_and_carries_on_where_it_stopped(t
     assert report["settings"]["run"]["router_only"] == 0.25 and (tmp_path / "curves.png").stat().st_size > 10_000
     first = capsys.readouterr().out
     assert first.count("trained in") == 2 and first.count("evaluated in") == 2 and "net %" in first
+    # The yardstick: LoRA trained alone, its calls scored on the eval's steps, as eval.py scores LoRA-only
+    alone = json.loads((tmp_path / "answers" / "lora-alone-s0" / "fixed_gates.json").read_text())["exact_match"]
+    assert first.count("trained and scored in") == 1 and set(alone["right"]) == {g["id"] for g in report["generations"]["tool_call"]}
+    ev.main(["--run", str(tmp_path / "answers" / "lora-alone-s0"), "--split", "val", "--n", "4", "--gen-n", "1",
+                "--max-new-tokens", "3", "--latency-n", "0", "--kinds", "tool_call", "--no-base", "--bootstrap", "10",
+                "--out", str(tmp_path / "alone.json")])
+    assert json.loads((tmp_path / "alone.json").read_text())["types"]["tool_call"]["task_accuracy"]["lora"] == alone["lora_only"]
+    for r in rows:  # call by call: routed right minus LoRA-alone right is fixed minus broke
+        assert r["calls"] * (r["exact_routed"] - r["exact_alone"]) == pytest.approx(r["fixed_vs_alone"] - r["broke_vs_alone"])
     assert bench.main(argv) == rows  # the second time, everything is there: nothing trains or evaluates again
     again = capsys.readouterr().out
-    assert "trained in" not in again and "evaluated in" not in again
+    assert "trained in" not in again and "evaluated in" not in again and "scored in" not in again
 
 
 def test_endpoint_a_failure_mid_stream_ends_that_stream_with_an_error_event(served, monkeypatch):

@@ -5,7 +5,10 @@ there, skipped where the run is whole), evaluates it (eval.py, skipped where its
 then sweeps the gate threshold per recipe (bench/threshold.py) and draws tool-call exact match against
 tool-call FLOPs skipped, one curve per recipe. It ends with one table: per recipe, pooled over the
 seeds, the tool calls routing broke and fixed against LoRA-only (greedy), the blocks and FLOPs tool
-calls and planning steps skip, the differential per seed, and GSM8K accuracy. Stopped at any point,
+calls and planning steps skip, the differential per seed, and GSM8K accuracy. A run's own LoRA-only
+model is a yardstick its recipe can move (LoRA trained only through routed passes may write worse
+calls with every block on), so each seed also trains LoRA alone, every block on (bench/fixed_gates.py
+--skip ""), and every recipe's routed calls are scored against it too. Stopped at any point,
 the same command carries on where it was: each piece is a whole file or absent.
 
     python bench/answers.py --model DIR --data-dir DATA --device cpu --parallel 2
@@ -24,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+import eval as eval_  # noqa: E402
 import layerroute as lr  # noqa: E402
 import qwen  # noqa: E402
 
@@ -34,10 +38,12 @@ RECIPES = {
     "router-only": "--router-only 0.25",
     "router-only-argmax": "--router-only 0.25 --cost argmax",
     "distill": "--distill 0.5",
+    "distill-p04": "--distill 0.5 --price 0.04",  # distilled, at twice the price: skips past 15% of FLOPs
     "block-drop": "--block-drop 0.1",
     # attention and MLP gated apart: twice the routers, twice the flips, each router measured as often
     "sublayer": "--gate-unit sublayer --flips 12",
 }
+ALONE = "lora-alone"  # the yardstick's runs
 EVAL = "--n 200 --gen-n 200 --latency-n 0 --kinds tool_call,planning --no-base"
 
 
@@ -49,9 +55,14 @@ def run_state(run: str, steps: int) -> str:
         return "new"
 
 
+def flag(flags: str, name: str, default: str | None = None) -> str | None:
+    """The value of one flag in a string of flags, or the default."""
+    words = flags.split()
+    return words[words.index(name) + 1] if name in words else default
+
+
 def step_count(budget: str) -> int:
-    words = budget.split()
-    return int(words[words.index("--steps") + 1])
+    return int(flag(budget, "--steps"))
 
 
 def sh(argv: list[str], log: str, threads: int) -> None:
@@ -81,7 +92,47 @@ def train_and_eval(recipe: str, seed: int, args) -> str:
     return run
 
 
-def summary(recipe: str, runs: list[str]) -> dict:
+def train_alone(seed: int, args) -> str:
+    """The yardstick of one seed: train.py's LoRA on the same budget and seed, every block on, and its
+    greedy tool calls scored on the eval's steps; trained, resumed or skipped like the runs. Its folder."""
+    run = os.path.join(args.out, f"{ALONE}-s{seed}")
+    if alone_path(run) is None:
+        t0 = time.time()
+        state = run_state(run, step_count(args.budget))
+        sh([sys.executable, "bench/fixed_gates.py", "--skip", "", "--split", args.split, "--n", flag(args.eval, "--n", "200"),
+            "--gen-n", flag(args.eval, "--gen-n", "20"), "--max-new-tokens", flag(args.eval, "--max-new-tokens", "256"),
+            "--threads", str(args.threads), "--model", args.model, "--data-dir", args.data_dir, "--device", args.device,
+            "--seed", str(seed), "--out", run, *args.budget.split()]
+           + {"done": ["--eval-only"], "started": ["--resume"], "new": []}[state], run + ".log", args.threads)
+        print(f"{ALONE} seed {seed}: trained and scored in {time.time() - t0:.0f} s", flush=True)
+    return run
+
+
+def alone_path(run: str) -> str | None:
+    """The path of fixed_gates.py's record of a LoRA-alone run with its calls scored one by one
+    (written after training, or by --eval-only), or None."""
+    for name in ("fixed_gates.json", "fixed_gates_eval.json"):
+        path = os.path.join(run, name)
+        if os.path.exists(path) and "right" in qwen.read_json(path).get("exact_match", {}):
+            return path
+    return None
+
+
+def against_alone(runs: list[str], alone: list[str]) -> dict:
+    """Each run's routed tool calls against LoRA alone of the same seed, call by call, pooled."""
+    broke = fixed = right = calls = 0
+    for run, yard in zip(runs, alone):
+        scored = qwen.read_json(alone_path(yard))["exact_match"]["right"]
+        for g in qwen.read_json(os.path.join(run, "report.json"))["generations"]["tool_call"]:
+            if g["id"] not in scored:
+                raise ValueError(f"{yard}: tool call {g['id']} of {run} was not scored (another split, data or --gen-n?)")
+            a, r = scored[g["id"]]["lora_only"], eval_.answer_correct("tool_call", g["routed"], g["answer"])
+            broke, fixed, right, calls = broke + (a and not r), fixed + (r and not a), right + a, calls + 1
+    return {"exact_alone": right / calls, "broke_vs_alone": broke, "fixed_vs_alone": fixed,
+            "net_vs_alone_pct": 100 * (broke - fixed) / calls}
+
+
+def summary(recipe: str, runs: list[str], alone: list[str]) -> dict:
     """The pooled numbers of one recipe's evaluated runs."""
     reps = [qwen.read_json(os.path.join(r, "report.json")) for r in runs]
     tool = [r["types"]["tool_call"] for r in reps]
@@ -100,18 +151,22 @@ def summary(recipe: str, runs: list[str]) -> dict:
             "cut_matched": [(r.get("cut_matched") or {}).get("points") for r in reps],
             "gsm8k_lora": mean([p["task_accuracy"]["lora"] for p in plan]),
             "gsm8k_routed": mean([p["task_accuracy"]["routed"] for p in plan]),
-            "gsm8k_n": sum(p["task_accuracy"]["n"] for p in plan)}
+            "gsm8k_n": sum(p["task_accuracy"]["n"] for p in plan), **against_alone(runs, alone)}
 
 
 def print_table(rows: list[dict]):
     print(f"{'recipe':20}{'seeds':>6}{'calls':>6}{'broke':>6}{'fixed':>6}{'net %':>7}{'exact LoRA':>11}{'routed':>7}"
+          f"{'alone':>6}{'broke':>6}{'fixed':>6}{'net %':>7}"
           f"{'tool blk%':>10}{'FLOPs%':>7}{'plan blk%':>10}{'GSM8K LoRA':>11}{'routed':>7}  differential per seed")
     for r in rows:
         diff = " ".join(f"{d:+.1f}" for d in r["differential"])
         print(f"{r['recipe']:20}{r['seeds']:>6}{r['calls']:>6}{r['broke']:>6}{r['fixed']:>6}{r['net_broken_pct']:>7.1f}"
-              f"{r['exact_lora']:>11.3f}{r['exact_routed']:>7.3f}{r['tool_blocks_pct']:>10.1f}{r['tool_flops_pct']:>7.1f}"
+              f"{r['exact_lora']:>11.3f}{r['exact_routed']:>7.3f}"
+              f"{r['exact_alone']:>6.3f}{r['broke_vs_alone']:>6}{r['fixed_vs_alone']:>6}{r['net_vs_alone_pct']:>7.1f}"
+              f"{r['tool_blocks_pct']:>10.1f}{r['tool_flops_pct']:>7.1f}"
               f"{r['planning_blocks_pct']:>10.2f}{r['gsm8k_lora']:>11.3f}{r['gsm8k_routed']:>7.3f}  {diff}")
-    print("(net %: broke minus fixed, of the calls pooled over the seeds; exact match greedy, mean over seeds; "
+    print("(net %: broke minus fixed, of the calls pooled over the seeds, against the run's own LoRA-only model, "
+          "then against LoRA trained alone (alone); exact match greedy, mean over seeds; "
           "blocks and FLOPs skipped, LM head counted, mean over seeds)")
 
 
@@ -137,9 +192,10 @@ def main(argv=None) -> list[dict]:
     if unknown:
         p.error(f"--recipes: unknown {', '.join(unknown)}; expected some of {', '.join(RECIPES)}")
     os.makedirs(args.out, exist_ok=True)
-    jobs = [(r, s) for s in seeds for r in recipes]  # seed-major: every recipe's first seed comes first
+    jobs = [(r, s) for s in seeds for r in [ALONE, *recipes]]  # seed-major: every recipe's first seed comes first
     with ThreadPoolExecutor(args.parallel) as pool:
-        done = dict(zip(jobs, pool.map(lambda j: train_and_eval(*j, args), jobs)))
+        done = dict(zip(jobs, pool.map(lambda j: train_alone(j[1], args) if j[0] == ALONE else train_and_eval(*j, args),
+                                       jobs)))
     sweeps = []
     for r in recipes:
         sweep = os.path.join(args.out, f"threshold-{r}.json")
@@ -149,8 +205,10 @@ def main(argv=None) -> list[dict]:
                 args.data_dir, "--split", args.split, "--n", "200", "--thresholds", args.thresholds, "--threads",
                 str(args.threads), "--device", args.device, "--label", r, "--out", sweep, *extra], sweep[:-5] + ".log", args.threads)
         sweeps.append(sweep)
-    sh([sys.executable, "bench/threshold.py", "--plot", args.plot, *sweeps], os.path.join(args.out, "plot.log"), 1)
-    rows = [summary(r, [done[(r, s)] for s in seeds]) for r in recipes]
+    yardsticks = [alone_path(done[(ALONE, s)]) for s in seeds]
+    sh([sys.executable, "bench/threshold.py", "--plot", args.plot, *sweeps, "--alone", *yardsticks],
+       os.path.join(args.out, "plot.log"), 1)
+    rows = [summary(r, [done[(r, s)] for s in seeds], [done[(ALONE, s)] for s in seeds]) for r in recipes]
     print_table(rows)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -11,14 +11,17 @@ target token the argmax, which is what greedy decoding reproduces, at the cost o
 answers are pooled per threshold (McNemar). --out saves the rows under a --label;
 --plot draws tool-call exact match against tool-call FLOPs skipped (LM head counted), pooled over
 the runs of each saved file, one curve per file: a recipe's trade-off, threshold by threshold (as
-generation had them, where the sweep was run with --generate).
+generation had them, where the sweep was run with --generate); --alone adds a dashed line at the
+exact match of LoRA trained alone (bench/fixed_gates.py --skip "" records), the yardstick no
+recipe moves.
 
 Choose a threshold on --split val, then read it on test: choosing it on the test calls is tuning
 on them. DATA: a folder of data files.
 
     python bench/threshold.py --runs runs/ours-s0 runs/ours-s1 --data-dir DATA --split val \
         --thresholds 0.5,0.3,0.2,0.1 --threads 1 --label ours --out results/threshold-ours.json
-    python bench/threshold.py --plot results/answers-vs-flops.png results/threshold-*.json
+    python bench/threshold.py --plot results/answers-vs-flops.png results/threshold-*.json \
+        --alone runs/lora-alone-s0/fixed_gates.json
 """
 import argparse
 import json
@@ -33,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import eval as eval_  # noqa: E402
 import layerroute as lr  # noqa: E402
+import qwen  # noqa: E402
 
 
 def perplexity(recs: list[dict], kind: str, name: str) -> float:
@@ -121,19 +125,29 @@ def pooled(rows: list[dict], greedy: bool = False) -> list[dict]:
 
 
 def by_label(files: list[str]) -> dict[str, dict]:
-    """Saved sweeps, those with the same label joined into one (say, seeds swept at different times)."""
+    """Saved sweeps, those with the same label joined into one (say, seeds or thresholds swept at
+    different times); a run is counted once."""
     curves = {}
     for path in files:
         with open(path) as f:
             saved = json.load(f)
         curve = curves.setdefault(saved["label"], {"runs": [], "rows": []})
-        curve["runs"] += saved["runs"]
+        curve["runs"] += [r for r in saved["runs"] if r not in curve["runs"]]
         curve["rows"] += saved["rows"]
     return curves
 
 
-def plot(files: list[str], out: str):
-    """Tool-call exact match against tool-call FLOPs skipped, one curve per label, pooled over its runs."""
+def alone_exact(files: list[str]) -> tuple[float, int]:
+    """Pooled greedy exact match of LoRA trained alone (bench/fixed_gates.py --skip "" records):
+    (fraction right, calls)."""
+    scored = [qwen.read_json(f)["exact_match"]["right"] for f in files]
+    calls = sum(len(s) for s in scored)
+    return sum(c["lora_only"] for s in scored for c in s.values()) / calls, calls
+
+
+def plot(files: list[str], out: str, alone: list[str] = ()):
+    """Tool-call exact match against tool-call FLOPs skipped, one curve per label, pooled over its runs;
+    a dashed line at LoRA alone's exact match, from its records, where given."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,9 +164,13 @@ def plot(files: list[str], out: str):
             ax.annotate(f"{p['threshold']:g}", (p["tool_call_flops"], 100 * p["exact"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.axhline(100 * points[0]["lora_exact"], color=line.get_color(), ls=":", lw=1)
+    if alone:
+        exact, calls = alone_exact(alone)
+        ax.axhline(100 * exact, color="black", ls="--", lw=1,
+                   label=f"LoRA alone, every block on ({len(alone)} run{'s' * (len(alone) > 1)}, {calls} calls)")
     ax.set_xlabel("tool-call FLOPs skipped, LM head counted (%)")
     ax.set_ylabel("tool-call exact match (%): teacher-forced, or greedy")
-    ax.set_title("Answers kept against compute skipped (dotted: LoRA-only; labels: threshold)", fontsize=9)
+    ax.set_title("Answers kept against compute skipped (dotted: each run's LoRA-only; labels: threshold)", fontsize=9)
     ax.set_ylim(0, 100)
     ax.set_xlim(left=0)
     ax.legend(fontsize=8)
@@ -168,6 +186,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", help="save the rows as JSON (with --label) for --plot")
     p.add_argument("--plot", nargs="+", metavar=("PNG", "JSON"), help="PNG then saved sweeps: draw them, run nothing "
                    "(sweeps with the same --label make one curve)")
+    p.add_argument("--alone", nargs="+", default=[], metavar="JSON", help="with --plot: bench/fixed_gates.py records "
+                   "of LoRA trained alone (--skip \"\"), drawn as a dashed line at their exact match")
     p.add_argument("--data-dir", help="data to evaluate on (default: each run's own --data-dir)")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--n", type=int, default=200, help="at most this many steps per type (eval.py's sample)")
@@ -183,7 +203,7 @@ def main(argv=None) -> list[dict]:
     if args.plot:
         if len(args.plot) < 2:
             p.error("--plot PNG SWEEP.json [SWEEP.json ...]")
-        return plot(args.plot[1:], args.plot[0])
+        return plot(args.plot[1:], args.plot[0], args.alone)
     if not args.runs:
         p.error("give --runs, or --plot")
     if not all(0 <= t <= 1 for t in args.thresholds):

@@ -3301,8 +3301,8 @@ def test_bench_answers_trains_evaluates_sweeps_and_carries_on_where_it_stopped(t
     alone = json.loads((tmp_path / "answers" / "lora-alone-s0" / "fixed_gates.json").read_text())["exact_match"]
     assert first.count("trained and scored in") == 1 and set(alone["right"]) == {g["id"] for g in report["generations"]["tool_call"]}
     ev.main(["--run", str(tmp_path / "answers" / "lora-alone-s0"), "--split", "val", "--n", "4", "--gen-n", "1",
-                "--max-new-tokens", "3", "--latency-n", "0", "--kinds", "tool_call", "--no-base", "--bootstrap", "10",
-                "--out", str(tmp_path / "alone.json")])
+             "--max-new-tokens", "3", "--latency-n", "0", "--kinds", "tool_call", "--no-base", "--bootstrap", "10",
+             "--out", str(tmp_path / "alone.json")])
     assert json.loads((tmp_path / "alone.json").read_text())["types"]["tool_call"]["task_accuracy"]["lora"] == alone["lora_only"]
     for r in rows:  # call by call: routed right minus LoRA-alone right is fixed minus broke
         assert r["calls"] * (r["exact_routed"] - r["exact_alone"]) == pytest.approx(r["fixed_vs_alone"] - r["broke_vs_alone"])

@@ -94,7 +94,8 @@ def train_and_eval(recipe: str, seed: int, args) -> str:
 
 def train_alone(seed: int, args) -> str:
     """The yardstick of one seed: train.py's LoRA on the same budget and seed, every block on, and its
-    greedy tool calls scored on the eval's steps; trained, resumed or skipped like the runs. Its folder."""
+    greedy tool calls scored on the eval's steps; trained, resumed or skipped like the runs. The path
+    of its record."""
     run = os.path.join(args.out, f"{ALONE}-s{seed}")
     if alone_path(run) is None:
         t0 = time.time()
@@ -105,7 +106,7 @@ def train_alone(seed: int, args) -> str:
             "--seed", str(seed), "--out", run, *args.budget.split()]
            + {"done": ["--eval-only"], "started": ["--resume"], "new": []}[state], run + ".log", args.threads)
         print(f"{ALONE} seed {seed}: trained and scored in {time.time() - t0:.0f} s", flush=True)
-    return run
+    return alone_path(run)
 
 
 def alone_path(run: str) -> str | None:
@@ -119,10 +120,10 @@ def alone_path(run: str) -> str | None:
 
 
 def against_alone(runs: list[str], alone: list[str]) -> dict:
-    """Each run's routed tool calls against LoRA alone of the same seed, call by call, pooled."""
+    """Each run's routed tool calls against LoRA alone of the same seed (its record), call by call, pooled."""
     broke = fixed = right = calls = 0
     for run, yard in zip(runs, alone):
-        scored = qwen.read_json(alone_path(yard))["exact_match"]["right"]
+        scored = qwen.read_json(yard)["exact_match"]["right"]
         for g in qwen.read_json(os.path.join(run, "report.json"))["generations"]["tool_call"]:
             if g["id"] not in scored:
                 raise ValueError(f"{yard}: tool call {g['id']} of {run} was not scored (another split, data or --gen-n?)")
@@ -133,7 +134,7 @@ def against_alone(runs: list[str], alone: list[str]) -> dict:
 
 
 def summary(recipe: str, runs: list[str], alone: list[str]) -> dict:
-    """The pooled numbers of one recipe's evaluated runs."""
+    """The pooled numbers of one recipe's evaluated runs; alone: LoRA alone's record of each run's seed."""
     reps = [qwen.read_json(os.path.join(r, "report.json")) for r in runs]
     tool = [r["types"]["tool_call"] for r in reps]
     plan = [r["types"]["planning"] for r in reps]
@@ -205,10 +206,10 @@ def main(argv=None) -> list[dict]:
                 args.data_dir, "--split", args.split, "--n", "200", "--thresholds", args.thresholds, "--threads",
                 str(args.threads), "--device", args.device, "--label", r, "--out", sweep, *extra], sweep[:-5] + ".log", args.threads)
         sweeps.append(sweep)
-    yardsticks = [alone_path(done[(ALONE, s)]) for s in seeds]
+    yardsticks = [done[(ALONE, s)] for s in seeds]
     sh([sys.executable, "bench/threshold.py", "--plot", args.plot, *sweeps, "--alone", *yardsticks],
        os.path.join(args.out, "plot.log"), 1)
-    rows = [summary(r, [done[(r, s)] for s in seeds], [done[(ALONE, s)] for s in seeds]) for r in recipes]
+    rows = [summary(r, [done[(r, s)] for s in seeds], yardsticks) for r in recipes]
     print_table(rows)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -28,6 +28,7 @@ the same gates, and no gate ever sees the tokens it is scored on.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -298,19 +299,29 @@ class LayerRoute(nn.Module):
         self.last_scores, self.last_gates = torch.stack(scores, 1), torch.stack(gates, 1).detach()
         return losses, self.last_scores, self.last_gates, inputs + [h.detach()] if keep_inputs else None
 
+    @contextlib.contextmanager
+    def every_block_on(self):
+        """Within: every gate open, no block dropped at random, no gradient through a gate to its router:
+        LoRA alone's pass (train.py's --open-loss and --distill's teacher). block_inputs is left unset."""
+        saved = self.open_gates, self.block_drop, self.straight_through
+        self.open_gates, self.block_drop, self.straight_through, self.block_inputs = True, 0.0, False, None
+        try:
+            yield self
+        finally:
+            self.open_gates, self.block_drop, self.straight_through = saved
+
     @torch.no_grad()
     def open_probs(self, ids: torch.Tensor, prompt_lens: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
         """The next-token distribution (N, vocab), float32, at the flat positions target_idx, of this model
         with every gate open and no dropout: the teacher of train.py's --distill."""
-        was_training, was_open, self.block_inputs = self.training, self.open_gates, None
+        was_training = self.training
         self.eval()
-        self.open_gates = True
         try:
-            h = self(ids, prompt_lens, return_hidden=True)
+            with self.every_block_on():
+                h = self(ids, prompt_lens, return_hidden=True)
             logits = self.base.lm_head(self.base.norm(h.flatten(0, 1).index_select(0, target_idx)))
         finally:
             self.train(was_training)
-            self.open_gates = was_open
         return logits.float().softmax(-1)
 
     @torch.no_grad()

@@ -2103,9 +2103,11 @@ def test_train_lowers_the_loss(tmp_path, mode):
                            "--out", str(out)))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 31))
-    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
-    # starts near ln(300) = 5.70 nats, a uniform guess; a step's loss moves about 0.05 from batch to batch
-    assert last < first - 0.12, (first, last)
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-10:]) / 10
+    # starts near ln(300) = 5.70 nats, a uniform guess; a step's loss moves about 0.05 from batch to batch,
+    # so these two means differ by about 0.03 by chance. The CPU thread count moves the straight-through
+    # run's gates, and with them its last steps by about 0.05 (one thread: 0.10 lower; two: 0.15).
+    assert last < first - 0.08, (first, last)
     run = lr.read_settings(str(out))[1]
     assert run["step"] == 30 and run["model"] == str(tmp_path / "model")
     assert run["recipe"] == "layerroute" and run["gate_grad"] == mode and run["lora_rank"] == 32  # as used
@@ -2143,7 +2145,8 @@ def test_train_router_only_rows_teach_the_routers_alone(tmp_path):
     rows = [(torch.randint(3, 300, (n_p,)).tolist(), torch.randint(3, 300, (n_t,)).tolist())
             for n_p, n_t in [(5, 4), (7, 5), (4, 6), (6, 3)]]
     kinds, only = ["tool_call", "tool_call", "planning", "tool_call"], [False, True, False, False]
-    args = types.SimpleNamespace(grad_accum=1, router_only=0.3, flips=4, fast=False, cost="loss", margin=0.0, distill=0.0)
+    args = types.SimpleNamespace(grad_accum=1, router_only=0.3, flips=4, fast=False, cost="loss", margin=0.0, distill=0.0,
+                                 open_loss=0.0)
 
     def run(b, a):
         x = train.on_device(b, "cpu")
@@ -2196,10 +2199,11 @@ def test_layerroute_block_drop_skips_blocks_at_random_in_training_only(tmp_path)
     assert model.last_gates.min() == 1  # eval mode: no drop
 
 
-def test_train_distill_mixes_the_gates_open_distribution_into_the_targets(tmp_path, capsys):
-    import types
+def half_closed_batch(tmp_path):
+    """A tiny routed model with LoRA not zero and blocks 1 and 3 closed (the routed pass is not LoRA alone's),
+    and a micro-batch of a tool call and a planning step: (model, the batch, its tensors)."""
     _, model = tiny_routed(tmp_path, dropout=0.0)
-    set_routers(model, [5.0, -5.0, 5.0, -5.0])  # blocks 1 and 3 closed: the routed pass is not the teacher
+    set_routers(model, [5.0, -5.0, 5.0, -5.0])
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -2208,7 +2212,14 @@ def test_train_distill_mixes_the_gates_open_distribution_into_the_targets(tmp_pa
     rows = [(torch.randint(3, 300, (n_p,)).tolist(), torch.randint(3, 300, (n_t,)).tolist()) for n_p, n_t in [(5, 4), (7, 5)]]
     b = data.collate(rows, ["tool_call", "planning"], 0)
     x = train.on_device(b, "cpu")
-    args = types.SimpleNamespace(grad_accum=1, router_only=0.0, flips=2, fast=False, cost="loss", margin=0.0)
+    return model, b, x
+
+
+def test_train_distill_mixes_the_gates_open_distribution_into_the_targets(tmp_path, capsys):
+    import types
+    model, b, x = half_closed_batch(tmp_path)  # the routed pass is not the teacher
+    args = types.SimpleNamespace(grad_accum=1, router_only=0.0, flips=2, fast=False, cost="loss", margin=0.0,
+                                 open_loss=0.0)
     model.train()
 
     def lm(a):
@@ -2228,6 +2239,40 @@ def test_train_distill_mixes_the_gates_open_distribution_into_the_targets(tmp_pa
     with pytest.raises(SystemExit):
         train.parse_args(["--distill", "0.3", "--gate-grad", "measured", "--cost", "argmax"])
     assert "--distill with --cost argmax" in capsys.readouterr().err
+
+
+def test_train_open_loss_adds_lora_alone_loss_and_leaves_the_routers_to_the_routed_pass(tmp_path):
+    import types
+    model, b, x = half_closed_batch(tmp_path)
+    model.block_drop = 0.5  # drops blocks in the routed pass only
+    args = types.SimpleNamespace(grad_accum=1, router_only=0.0, flips=2, cost="loss", margin=0.0, distill=0.0)
+    model.train()
+    with torch.no_grad():  # LoRA alone's loss by hand: every block on
+        with ev.mode(model, "lora"):
+            logits = model(x["ids"], x["prompt_lens"]).flatten(0, 1)[x["target_idx"]].float()
+        alone = torch.nn.functional.cross_entropy(logits, x["targets"], reduction="sum").item() / b.n_target
+
+    def step(w, straight_through, fixed):
+        model.straight_through = straight_through
+        model.zero_grad()
+        torch.manual_seed(3)  # the same block_drop draw in the routed pass every time
+        lm, gate, gates, _ = train.micro_loss(model, x, b.n_target, 0.02, types.SimpleNamespace(
+            **vars(args), fast=fixed, open_loss=w), torch.Generator().manual_seed(7), contextlib.nullcontext())
+        (lm + gate).backward()
+        assert (model.open_gates, model.block_drop, model.straight_through) == (False, 0.5, straight_through)
+        assert gates[:, 1].max() == 0  # the routed pass's gates come back, not the open pass's
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return lm.item(), grads
+    for straight_through in (False, True):
+        for fixed in (False, True):
+            lm0, g0 = step(0.0, straight_through, fixed)
+            lm1, g1 = step(0.7, straight_through, fixed)
+            assert lm1 == pytest.approx(lm0 + 0.7 * alone, rel=1e-5)
+            routers = [n for n in g0 if n.startswith("routers.")]
+            assert routers and all(torch.equal(g0[n], g1[n]) for n in routers)  # the open pass moves no router
+            assert any(not torch.allclose(g0[n], g1[n]) for n in g0 if "lora_" in n)
+    both, one = (train.memory_use(model, train.parse_args(f), torch.bfloat16) for f in (["--open-loss", "1"], []))
+    assert both["activations"] == 2 * one["activations"]  # the open pass's activations wait for the same backward
 
 
 def test_train_router_only_and_block_drop_run_and_are_recorded(tmp_path, capsys):

@@ -128,6 +128,11 @@ def parser() -> argparse.ArgumentParser:
                    "no gradient) instead of the data's token: the loss then also prices what a skip changes "
                    "beyond the target's probability, and so do the measured costs; the logged lm loss includes "
                    "the teacher's entropy (0: the data's tokens alone)")
+    p.add_argument("--open-loss", type=qwen.number(float, lo=0), default=0.0, help="weight of a second LM loss: "
+                   "the same rows through the same LoRA with every block on (no router, no block dropped), so "
+                   "that LoRA also answers with every block on, as LoRA trained alone does, where the routed "
+                   "pass alone lets it lean on the skips it trains with; about one more forward and backward "
+                   "pass a micro-batch; the logged lm loss includes it (0: the routed pass alone)")
     p.add_argument("--gate-unit", choices=list(lr.GATE_UNITS), default="block", help="what one router gates: "
                    "block (a whole block, the paper's), or sublayer (each block's attention and MLP apart, two "
                    "routers a block: attention alone can close where the MLP is needed, and costs less)")
@@ -455,6 +460,14 @@ def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generat
     n_target counts the whole step's targets, every rank's, and share is this rank's part of the
     micro-batch's rows, so that the ranks' losses sum to the one-process step's."""
     measured = not model.straight_through
+    only = x["router_only"]
+    # Router-only rows run the pass (the flips need it) but add nothing to the LM loss; the routers learn
+    # from them and the other kinds' rows, not from the tool calls LoRA fits.
+    lm = 0.0
+    if args.open_loss:  # the data's tokens, every block on: the same LoRA trained as if alone
+        with model.every_block_on(), autocast:
+            open_loss = model.train_forward(x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast)[0]
+        lm = args.open_loss * (open_loss * (~only)[x["target_rows"]]).sum() / n_target
     if args.distill:  # soft targets: cross_entropy against them is (1 - a) CE + a KL(open || routed) + const
         with torch.no_grad(), autocast:
             teacher = model.open_probs(x["ids"], x["prompt_lens"], x["target_idx"])
@@ -463,10 +476,7 @@ def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generat
     with autocast:  # the head and the loss run only where the next token is a target
         token_loss, scores, gates, inputs = model.train_forward(
             x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast, keep_inputs=measured)
-    only = x["router_only"]
-    # Router-only rows run the pass (the flips need it) but add nothing to the LM loss; the routers learn
-    # from them and the other kinds' rows, not from the tool calls LoRA fits.
-    lm = (token_loss * (~only)[x["target_rows"]]).sum() / n_target
+    lm = lm + (token_loss * (~only)[x["target_rows"]]).sum() / n_target
     weight = (only | (x["kinds"] != TOOL_CALL)).float() if args.router_only else None
     # The gate losses are means over this rank's rows: times its share of the rows, they sum over the
     # ranks to the mean over the whole micro-batch, as one process has it.
@@ -649,8 +659,9 @@ def memory_use(model: lr.LayerRoute, args, dtype: torch.dtype, processes: int = 
     per_block = 18 * d + 5 * f if args.lora_dropout > 0 else 8 * d + 4 * f
     kept = L * d + per_block if args.checkpoint_blocks else L * per_block
     tokens = rows * args.max_len  # the most a micro-batch holds
+    passes = 2 if args.open_loss else 1  # --open-loss keeps a second pass's activations for the same backward
     use = {"backbone": sum(backbone.values()), "trainable": n_train * per_param,
-           "activations": tokens * kept * size + tokens * cfg.vocab_size * (size + 8)}
+           "activations": passes * (tokens * kept * size + tokens * cfg.vocab_size * (size + 8))}
     return {**use, "total": sum(use.values()), "backbone_dtypes": backbone, "n_trainable": n_train,
             "per_param": per_param, "rows": rows, "per_token_block": kept // L}
 
@@ -662,7 +673,7 @@ def memory_estimate(model: lr.LayerRoute, args, dtype: torch.dtype, processes: i
     return (f"memory per process, rough: backbone {m['backbone'] / gib:.2f} GiB ({dtypes}), trainable "
             f"{m['trainable'] / gib:.2f} GiB ({m['n_trainable']:,} x {m['per_param']} bytes: float32 weight, "
             f"gradient, AdamW's two moments{', all-reduce copy' if processes > 1 else ''}), activations at most "
-            f"{m['activations'] / gib:.2f} GiB ({m['rows']} rows x {args.max_len} tokens, ~{m['per_token_block']:,} "
+            f"{m['activations'] / gib:.2f} GiB ({'two passes of ' if args.open_loss else ''}{m['rows']} rows x {args.max_len} tokens, ~{m['per_token_block']:,} "
             f"values a token a block{' checkpointed' if args.checkpoint_blocks else ''}, the LM head's logits for "
             f"every token) = {m['total'] / gib:.2f} GiB")
 

@@ -39,6 +39,9 @@ RECIPES = {
     "router-only-argmax": "--router-only 0.25 --cost argmax",
     "distill": "--distill 0.5",
     "distill-p04": "--distill 0.5 --price 0.04",  # distilled, at twice the price: skips past 15% of FLOPs
+    # LoRA also trained with every block on, as LoRA alone is: its gates-open model stays LoRA alone's
+    "open": "--open-loss 1",
+    "distill-p04-open": "--distill 0.5 --price 0.04 --open-loss 1",
     "block-drop": "--block-drop 0.1",
     # attention and MLP gated apart: twice the routers, twice the flips, each router measured as often
     "sublayer": "--gate-unit sublayer --flips 12",

@@ -469,6 +469,7 @@ def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generat
             open_loss = model.train_forward(x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast)[0]
         lm = args.open_loss * (open_loss * (~only)[x["target_rows"]]).sum() / n_target
     if args.distill:  # soft targets: cross_entropy against them is (1 - a) CE + a KL(open || routed) + const
+        # the teacher's own pass, not the open loss's: without dropout, so it is the model eval.py scores
         with torch.no_grad(), autocast:
             teacher = model.open_probs(x["ids"], x["prompt_lens"], x["target_idx"])
         hard = F.one_hot(x["targets"], teacher.shape[1]).float()

@@ -3354,6 +3354,15 @@ def test_bench_answers_trains_evaluates_sweeps_and_carries_on_where_it_stopped(t
     assert bench.main(argv) == rows  # the second time, everything is there: nothing trains or evaluates again
     again = capsys.readouterr().out
     assert "trained in" not in again and "evaluated in" not in again and "scored in" not in again
+    # A seed added later is trained and swept on its own, and joins its recipe's curve; seed 0 is not swept again
+    swept = tmp_path / "answers" / "threshold-defaults-s0.json"
+    before = swept.stat().st_mtime_ns
+    seeds = argv.index("--seeds") + 1
+    more = bench.main([*argv[:seeds], "0,1", *argv[seeds + 1:]])
+    assert [r["seeds"] for r in more] == [2, 2] and swept.stat().st_mtime_ns == before
+    assert capsys.readouterr().out.count("trained in") == 2
+    added = json.loads((tmp_path / "answers" / "threshold-defaults-s1.json").read_text())
+    assert added["label"] == "defaults" and added["runs"] == [str(tmp_path / "answers" / "defaults-s1")]
 
 
 def test_endpoint_a_failure_mid_stream_ends_that_stream_with_an_error_event(served, monkeypatch):

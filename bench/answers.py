@@ -2,10 +2,11 @@
 
 For each recipe and seed it trains a run (train.py, resumed from its newest checkpoint where one is
 there, skipped where the run is whole), evaluates it (eval.py, skipped where its report.json is there),
-then sweeps the gate threshold per recipe (bench/threshold.py) and draws tool-call exact match against
-tool-call FLOPs skipped, one curve per recipe. It ends with one table: per recipe, pooled over the
-seeds, the tool calls routing broke and fixed against LoRA-only (greedy), the blocks and FLOPs tool
-calls and planning steps skip, the differential per seed, and GSM8K accuracy. A run's own LoRA-only
+then sweeps the gate threshold of each run (bench/threshold.py, one record per run, so that a seed
+added later is swept too) and draws tool-call exact match against tool-call FLOPs skipped, one curve
+per recipe pooled over its seeds. It ends with one table: per recipe, pooled over the seeds, the tool
+calls routing broke and fixed against LoRA-only (greedy), the blocks and FLOPs tool calls and
+planning steps skip, the differential per seed, and GSM8K accuracy. A run's own LoRA-only
 model is a yardstick its recipe can move (LoRA trained only through routed passes may write worse
 calls with every block on), so each seed also trains LoRA alone, every block on (bench/fixed_gates.py
 --skip ""), and every recipe's routed calls are scored against it too. Stopped at any point,
@@ -17,7 +18,6 @@ the same command carries on where it was: each piece is a whole file or absent.
 DATA: a folder of data files; DIR: a checkpoint folder.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -93,6 +93,18 @@ def train_and_eval(recipe: str, seed: int, args) -> str:
                  "--threads", str(args.threads), *args.eval.split()], run + ".eval.log", args.threads)
         print(f"{recipe} seed {seed}: evaluated in {time.time() - t0:.0f} s", flush=True)
     return run
+
+
+def sweep(recipe: str, seed: int, run: str, args) -> str:
+    """One run's threshold sweep (bench/threshold.py), skipped where its record is there; the record's
+    path. Records of one recipe share its label, so the plot pools them into one curve."""
+    out = os.path.join(args.out, f"threshold-{recipe}-s{seed}.json")
+    if not os.path.exists(out):
+        extra = ["--generate"] if recipe == "reference" else []  # its teacher-forced gates see the answer
+        sh([sys.executable, "bench/threshold.py", "--runs", run, "--data-dir", args.data_dir, "--split", args.split,
+            "--n", "200", "--thresholds", args.thresholds, "--threads", str(args.threads), "--device", args.device,
+            "--label", recipe, "--out", out, *extra], out[:-5] + ".log", args.threads)
+    return out
 
 
 def train_alone(seed: int, args) -> str:
@@ -200,22 +212,13 @@ def main(argv=None) -> list[dict]:
     with ThreadPoolExecutor(args.parallel) as pool:
         done = dict(zip(jobs, pool.map(lambda j: train_alone(j[1], args) if j[0] == ALONE else train_and_eval(*j, args),
                                        jobs)))
-    sweeps = []
-    for r in recipes:
-        sweep = os.path.join(args.out, f"threshold-{r}.json")
-        if not os.path.exists(sweep):
-            extra = ["--generate"] if r == "reference" else []  # its teacher-forced gates see the answer
-            sh([sys.executable, "bench/threshold.py", "--runs", *(done[(r, s)] for s in seeds), "--data-dir",
-                args.data_dir, "--split", args.split, "--n", "200", "--thresholds", args.thresholds, "--threads",
-                str(args.threads), "--device", args.device, "--label", r, "--out", sweep, *extra], sweep[:-5] + ".log", args.threads)
-        sweeps.append(sweep)
+        sweeps = list(pool.map(lambda j: sweep(*j, done[j], args), [(r, s) for s in seeds for r in recipes]))
     yardsticks = [done[(ALONE, s)] for s in seeds]
     sh([sys.executable, "bench/threshold.py", "--plot", args.plot, *sweeps, "--alone", *yardsticks],
        os.path.join(args.out, "plot.log"), 1)
     rows = [summary(r, [done[(r, s)] for s in seeds], yardsticks) for r in recipes]
     print_table(rows)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    lr.write_json(os.path.join(args.out, "summary.json"), rows, indent=1)
     print(f"wrote {args.plot}, {os.path.join(args.out, 'summary.json')}")
     return rows
 

@@ -220,9 +220,8 @@ def main(argv=None) -> list[dict]:
                   f"(mean over runs); of {sum(r['calls'] for r in at)} calls routing broke {broke}, fixed {fixed} "
                   f"(McNemar p {eval_.mcnemar_p(broke, fixed):.4f})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"label": args.label or os.path.basename(args.runs[0]), "runs": args.runs,
-                       "split": args.split, "rows": rows}, f, indent=1)
+        lr.write_json(args.out, {"label": args.label or os.path.basename(args.runs[0]), "runs": args.runs,
+                                 "split": args.split, "rows": rows}, indent=1)
         print(f"wrote {args.out}")
     return rows
 

@@ -463,11 +463,15 @@ def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generat
     only = x["router_only"]
     # Router-only rows run the pass (the flips need it) but add nothing to the LM loss; the routers learn
     # from them and the other kinds' rows, not from the tool calls LoRA fits.
+    counted = (~only)[x["target_rows"]]
+
+    def lm_of(token_loss):
+        return (token_loss * counted).sum() / n_target
     lm = 0.0
     if args.open_loss:  # the data's tokens, every block on: the same LoRA trained as if alone
         with model.every_block_on(), autocast:
             open_loss = model.train_forward(x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast)[0]
-        lm = args.open_loss * (open_loss * (~only)[x["target_rows"]]).sum() / n_target
+        lm = args.open_loss * lm_of(open_loss)
     if args.distill:  # soft targets: cross_entropy against them is (1 - a) CE + a KL(open || routed) + const
         # the teacher's own pass, not the open loss's: without dropout, so it is the model eval.py scores
         with torch.no_grad(), autocast:
@@ -477,7 +481,7 @@ def micro_loss(model, x: dict, n_target: int, lam, args, flip_rng: torch.Generat
     with autocast:  # the head and the loss run only where the next token is a target
         token_loss, scores, gates, inputs = model.train_forward(
             x["ids"], x["prompt_lens"], x["target_idx"], x["targets"], fixed=args.fast, keep_inputs=measured)
-    lm = lm + (token_loss * (~only)[x["target_rows"]]).sum() / n_target
+    lm = lm + lm_of(token_loss)
     weight = (only | (x["kinds"] != TOOL_CALL)).float() if args.router_only else None
     # The gate losses are means over this rank's rows: times its share of the rows, they sum over the
     # ranks to the mean over the whole micro-batch, as one process has it.
@@ -674,8 +678,8 @@ def memory_estimate(model: lr.LayerRoute, args, dtype: torch.dtype, processes: i
     return (f"memory per process, rough: backbone {m['backbone'] / gib:.2f} GiB ({dtypes}), trainable "
             f"{m['trainable'] / gib:.2f} GiB ({m['n_trainable']:,} x {m['per_param']} bytes: float32 weight, "
             f"gradient, AdamW's two moments{', all-reduce copy' if processes > 1 else ''}), activations at most "
-            f"{m['activations'] / gib:.2f} GiB ({'two passes of ' if args.open_loss else ''}{m['rows']} rows x {args.max_len} tokens, ~{m['per_token_block']:,} "
-            f"values a token a block{' checkpointed' if args.checkpoint_blocks else ''}, the LM head's logits for "
+            f"{m['activations'] / gib:.2f} GiB ({'two passes of ' if args.open_loss else ''}{m['rows']} rows x "
+            f"{args.max_len} tokens, ~{m['per_token_block']:,} values a token a block{' checkpointed' if args.checkpoint_blocks else ''}, the LM head's logits for "
             f"every token) = {m['total'] / gib:.2f} GiB")
 
 

@@ -3289,11 +3289,17 @@ def test_readme_python_example_runs_as_written(served, capsys):
     assert re.search(r"\n\[1\] \d+\.\d% of the FLOPs skipped\n", out)
 
 
-def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path, capsys, one_thread):
+def bench_script(name: str):
+    """A script under bench/ imported as a module (bench/ is no package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("threshold_bench", Path(__file__).parent / "bench" / "threshold.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path, capsys, one_thread):
+    bench = bench_script("threshold")
     train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
     rows = bench.main(["--runs", str(tmp_path / "run"), "--split", "val", "--n", "3", "--thresholds", "0.5,0.0",
                        "--max-new-tokens", "3", "--generate", "--label", "ours", "--out", str(tmp_path / "ours.json")])
@@ -3326,10 +3332,7 @@ def test_bench_threshold_saves_a_sweep_and_plots_answers_against_flops(tmp_path,
 
 
 def test_bench_answers_trains_evaluates_sweeps_and_carries_on_where_it_stopped(tmp_path, capsys, one_thread):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("answers_bench", Path(__file__).parent / "bench" / "answers.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("answers")
     train_args(tmp_path)  # the tiny model and data
     argv = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--recipes", "defaults,router-only",
             "--seeds", "0", "--budget", f"--steps 2 --max-len {TINY_LEN} --batch-size 2 --warmup 1 --save-every 1",
@@ -3384,3 +3387,50 @@ def test_endpoint_a_failure_mid_stream_ends_that_stream_with_an_error_event(serv
     monkeypatch.undo()
     ok = c.chat.completions.create(model="tiny", messages=ANSWERED, tools=TIME_TOOLS, temperature=0)
     assert ok.choices[0].message.content == REPLY_TEXT
+
+
+def test_bench_ceiling_closes_the_most_blocks_that_keep_the_answer(tmp_path, one_thread):
+    bench = bench_script("block_cost")
+    write_checkpoint(tmp_path, layers=6)
+    model = qwen.load_model(str(tmp_path)).eval()
+    # Blocks 0 and 2 add nothing to the stream, the others less than they did: several can close, and
+    # which depends on those closed before (a search that measured a block without them would add 4).
+    with torch.no_grad():
+        for i, scale in {0: 0.0, 1: 0.3, 2: 0.0, 3: 0.5, 4: 0.5, 5: 0.7}.items():
+            for proj in (model.layers[i].self_attn.o_proj, model.layers[i].mlp.down_proj):
+                proj.weight.mul_(scale)
+                if proj.bias is not None:
+                    proj.bias.mul_(scale)
+        prompt, target = list(range(3, 40)), []
+        for _ in range(6):  # the model's own greedy continuation: right with every block on
+            target.append(model(torch.tensor([prompt + target]))[0, -1].argmax().item())
+        logits = model(torch.tensor([prompt + target]))[0, len(prompt) - 1:-1]
+    want = logits[range(6), target] - logits.scatter(1, torch.tensor(target)[:, None], -math.inf).max(1).values
+    full = bench.skipping(model, prompt, target, set())
+    assert torch.allclose(bench.margins(model, full, target), want, atol=1e-4) and (want > 0).all()
+    # Every set of blocks, each a full pass with no reuse: the largest that keeps the answer right.
+    right = [set(s) for k in range(7) for s in itertools.combinations(range(6), k)
+             if bench.answers(model, [(prompt, target)], set(s))[0][1]]
+    assert max(right, key=len) == {0, 1, 2} and max(map(len, right)) == 3 and {0, 1, 2, 4} not in right
+    assert bench.most_closed(model, prompt, target) == (True, [0, 1, 2])
+    assert {0, 2, 4} in right and {3, 4, 5} not in right
+    assert bench.most_closed(model, prompt, target, start=[4]) == (True, [0, 2, 4])  # grown from a start that keeps it
+    assert bench.most_closed(model, prompt, target, start=[3, 4, 5]) == (True, [0, 1, 2])  # one that breaks it: from none
+    wrong = target[:-1] + [(target[-1] + 1) % 300]
+    assert bench.most_closed(model, prompt, wrong) == (False, [])
+
+
+def test_bench_ceiling_reads_the_routers_blocks_and_adds_them_on_the_calls_wrong_anyway(tmp_path, capsys):
+    bench = bench_script("block_cost")
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"examples": [{"id": "a", "gates": [1.0, 0.0, 0.0]}, {"id": "b", "gates": [1.0] * 3}]}))
+    assert bench.routers_closed(str(report)) == {"a": [1, 2], "b": []}
+    report.write_text(json.dumps({"types": {}}))
+    with pytest.raises(SystemExit, match=re.escape(str(report)) + ": not an eval.py report"):
+        bench.routers_closed(str(report))
+    calls = [{"right": True, "closed": [0, 1], "flops_pct": 20.0, "start": [1], "start_flops_pct": 10.0},
+             {"right": False, "closed": [], "flops_pct": 0.0, "start": [1, 2], "start_flops_pct": 18.0}]
+    bench.summarize(calls)
+    out = capsys.readouterr().out
+    assert "1 of 2 tool calls right" in out and "15% of their FLOPs or more and stay right: 1 of 1" in out
+    assert "on the other 1: 19.0% of tool-call FLOPs, none broken; the start blocks on every call: 14.0%" in out

@@ -20,15 +20,25 @@ calls (a greedy search), each set then scored on the test split's; with --per-ca
 blocks for each call, chosen knowing its answer (a router that foresaw every answer: the ceiling);
 with --among, every set of K blocks drawn from a short list instead of the greedy search.
 
+--ceiling asks how many blocks each right tool call can skip and stay right, the blocks and their
+count free per call, chosen knowing its answer (most_closed, a greedy search): about the most a
+router that keeps every right answer can skip on them, whatever it learns. --start-from grows each
+call's search from the blocks a run's routers closed on it (its eval.py report), and adds what a
+router would skip with those blocks on the calls wrong with every block on, which no skip breaks.
+
 DIR: a checkpoint folder (e.g. SmolLM2-135M-Instruct in the Qwen2 layout); DATA: a folder of data files.
 
     python bench/block_cost.py --model DIR --data-dir DATA --n 12
     python bench/block_cost.py --run runs/layerroute --data-dir DATA --split test --n 11
     python bench/block_cost.py --run runs/layerroute --data-dir DATA --split val --n 16 --keep-answers 8
+    python bench/block_cost.py --run runs/layerroute --data-dir DATA --split test --n 200 --max-len 512 --ceiling \
+        --start-from runs/layerroute/report.json --out ceiling.json
 """
 import argparse
 import collections
+import heapq
 import itertools
+import json
 import math
 import os
 import sys
@@ -185,6 +195,117 @@ def keep_each(model: qwen.Qwen2, pts, k: int) -> None:
     print(f"  {kept} of the {right_open} right answers stay right with {k} blocks closed, each its own")
 
 
+def margins(model: qwen.Qwen2, h: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """Per target position, the target's logit minus the best other token's: greedy decoding writes
+    the target exactly if and only if every one is above 0."""
+    logits, t = target_logits(model, h, target), torch.tensor(target)[:, None]
+    return logits.gather(1, t)[:, 0] - logits.scatter(1, t, float("-inf")).max(1).values
+
+
+@torch.no_grad()
+def most_closed(model: qwen.Qwen2, prompt: list[int], target: list[int], start=()) -> tuple[bool, list[int]]:
+    """Whether a step is right with every block on, and, if so, the blocks a router that knows its
+    answer closes while it stays right: the larger of two greedy sets (neither is the largest there
+    is), each grown from `start` where closing those keeps the answer right, else from none. Best
+    first: one block at a time, the one whose skip leaves the largest weakest margin with those
+    closed before it. First fit: every block in the order of the weakest margin its skip alone
+    leaves, kept closed if the answer stays right with it and those closed before it."""
+    h, cos, sin = embed(model, prompt, target)
+
+    def streams(closed: set[int]) -> tuple[list[torch.Tensor], float]:
+        """The stream entering each block with `closed` skipped, and the weakest margin at the end."""
+        inputs, x = [], h
+        for i, block in enumerate(model.layers):
+            inputs.append(x)
+            if i not in closed:
+                x = block(x, cos, sin)
+        return inputs, margins(model, x, target).min().item()
+
+    def weakest(i: int, inputs: list[torch.Tensor], closed: set[int]) -> tuple[float, list[torch.Tensor]]:
+        """Block i skipped too, where inputs come from streams(closed): the weakest margin, and the
+        new inputs (those up to i do not change)."""
+        x, entering = inputs[i], inputs[:i + 1]
+        for j in range(i + 1, len(model.layers)):
+            entering.append(x)
+            if j not in closed:
+                x = model.layers[j](x, cos, sin)
+        return margins(model, x, target).min().item(), entering
+
+    opened, m = streams(set())
+    if m <= 0:
+        return False, []
+    base, base_inputs = set(), opened
+    if start:
+        inputs, m = streams(set(start))
+        if m > 0:
+            base, base_inputs = set(start), inputs
+    alone = [(weakest(i, base_inputs, base)[0], i) for i in range(len(opened)) if i not in base]
+    sets = []
+    for best_first in (True, False):
+        # Best first re-measures lazily: a margin measured with fewer blocks closed rarely rises when
+        # more close, so only the block on top is measured again, and closed if it still leads.
+        # First fit measures each block once more, in the order of its margin alone.
+        queue = [(-m, i) for m, i in alone if m > 0]
+        heapq.heapify(queue)
+        closed, inputs = set(base), base_inputs
+        while queue:
+            _, i = heapq.heappop(queue)
+            m, entering = weakest(i, inputs, closed)
+            if m > 0 and best_first and queue and m < -queue[0][0]:
+                heapq.heappush(queue, (-m, i))
+            elif m > 0:
+                closed.add(i)
+                inputs = entering
+        sets.append(sorted(closed))
+    return True, max(sets, key=len)
+
+
+def keep_most(model: qwen.Qwen2, steps, tok, max_len: int, out: str | None, starts: dict) -> None:
+    """most_closed() for every tool call, each from its blocks in `starts` (by id): how many blocks,
+    and what share of its FLOPs (LM head counted), each right call can skip and stay right when the
+    router knows its answer; as found by a greedy search, so a router that keeps every right answer
+    may skip more than this."""
+    L, recs = model.cfg.num_hidden_layers, []
+
+    def share(closed: list[int], n: int) -> float:
+        return eval_.flops_skipped_pct(model.cfg, [float(i not in closed) for i in range(L)], n)
+
+    for j, s in enumerate(steps):
+        prompt, target = data.encode(s, tok, max_len)
+        start = starts.get(s.id, [])
+        right, closed = most_closed(model, prompt, target, start)
+        n = len(prompt) + len(target)
+        recs.append({"id": s.id, "right": right, "closed": closed, "length": n, "flops_pct": share(closed, n),
+                     "start": start, "start_flops_pct": share(start, n)})
+        if right:
+            print(f"  call {j} ({len(target)} target tokens): {len(closed)} blocks {closed}, "
+                  f"{recs[-1]['flops_pct']:.1f}% of FLOPs", flush=True)
+    summarize(recs)
+    if out:
+        lr.write_json(out, {"max_len": max_len, "calls": recs})
+        print(f"wrote {out}")
+
+
+def summarize(recs: list[dict]) -> None:
+    """keep_most()'s findings: per right call, then with the start blocks on the calls wrong anyway."""
+    kept = [r for r in recs if r["right"]]
+    if not kept:
+        raise SystemExit("no tool call is right with every block on: nothing to keep")
+    flops = np.array([r["flops_pct"] for r in kept])
+    counts = np.array([len(r["closed"]) for r in kept])
+    print(f"{len(kept)} of {len(recs)} tool calls right with every block on; closed while each stays right: "
+          f"{counts.mean():.1f} blocks on average (min {counts.min()}, median {np.median(counts):g}, max "
+          f"{counts.max()}), {flops.mean():.1f}% of FLOPs (min {flops.min():.1f}%)")
+    for pct in (5, 10, 15, 20, 25):
+        print(f"  right calls that can skip {pct}% of their FLOPs or more and stay right: "
+              f"{(flops >= pct).sum()} of {len(kept)}")
+    if any(r["start"] for r in recs):  # no skip can break a call wrong with every block on
+        mixed = np.mean([r["flops_pct"] if r["right"] else r["start_flops_pct"] for r in recs])
+        print(f"these blocks on the right calls and the start blocks on the other {len(recs) - len(kept)}: "
+              f"{mixed:.1f}% of tool-call FLOPs, none broken; the start blocks on every call: "
+              f"{np.mean([r['start_flops_pct'] for r in recs]):.1f}%")
+
+
 def oracle(model, pts, full, costs, choose) -> tuple[float, float]:
     """Blocks skipped (%) and perplexity ratio (skipping / every block on, token-weighted) when each
     input closes choose(its costs) together."""
@@ -201,6 +322,18 @@ def tool_calls(steps, tok, split: str, args) -> list:
     if not chosen:
         raise SystemExit(f"{args.data_dir}: --keep-answers needs tool calls in split '{split}'")
     return [data.encode(s, tok, args.max_len) for s in chosen]
+
+
+def routers_closed(report: str | None) -> dict[str, list[int]]:
+    """Per step id, the blocks its routers closed in an eval.py report.json (none without one)."""
+    if not report:
+        return {}
+    try:
+        with open(report) as f:
+            examples = json.load(f)["examples"]
+        return {e["id"]: [i for i, g in enumerate(e["gates"]) if g < 0.5] for e in examples}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{report}: not an eval.py report with per-step gates ({type(e).__name__}: {e})")
 
 
 def block_list(p: argparse.ArgumentParser, name: str, value: str | None) -> set[int]:
@@ -225,6 +358,11 @@ def main():
     p.add_argument("--among", help="with --keep-answers: every set of K blocks from this list (e.g. 3,4,5,6,7,25,26), "
                    "closed for every tool call of --split: an exhaustive search over a short list")
     p.add_argument("--always", default="", help="with --among: blocks in every set (e.g. 5,6,7,26)")
+    p.add_argument("--ceiling", action="store_true", help="instead: per tool call of --split right with every block "
+                   "on, the blocks a router that knows its answer can close and keep it right (most_closed)")
+    p.add_argument("--out", help="with --ceiling: also write each call's blocks and FLOPs to this JSON file")
+    p.add_argument("--start-from", metavar="REPORT", help="with --ceiling: an eval.py report.json; each call's search "
+                   "starts from the blocks its routers closed there, where closing them keeps the answer right")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     args = p.parse_args()
     if bool(args.model) == bool(args.run):
@@ -235,7 +373,12 @@ def main():
         p.error("--among goes with --keep-answers K, without --per-call")
     if args.always and not args.among:
         p.error("--always goes with --among")
+    if args.ceiling and args.keep_answers:
+        p.error("give one of --ceiling and --keep-answers")
+    if (args.out or args.start_from) and not args.ceiling:
+        p.error("--out and --start-from go with --ceiling")
     among, always = (block_list(p, name, v) for name, v in (("--among", args.among), ("--always", args.always)))
+    starts = routers_closed(args.start_from)  # read before the model loads, so a bad file fails at once
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
@@ -243,6 +386,11 @@ def main():
     else:
         model, tok = qwen.load_model(args.model).eval(), qwen.load_tokenizer(args.model)
     steps = data.fitting(data.load_steps(args.data_dir)[0], tok, args.max_len)[0]  # as eval.py drops
+    if args.ceiling:
+        calls = eval_.pick(steps, args.split, args.n, 0).get("tool_call")
+        if not calls:
+            raise SystemExit(f"{args.data_dir}: --ceiling needs tool calls in split '{args.split}'")
+        return keep_most(model, calls, tok, args.max_len, args.out, starts)
     if args.keep_answers:
         fit = tool_calls(steps, tok, args.split, args)
         if args.per_call:

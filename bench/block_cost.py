@@ -83,20 +83,25 @@ def target_nll(model: qwen.Qwen2, h: torch.Tensor, target: list[int]) -> float:
     return F.cross_entropy(target_logits(model, h, target), torch.tensor(target)).item()
 
 
+def run_blocks(model: qwen.Qwen2, x: torch.Tensor, cos, sin, closed=(), start: int = 0):
+    """Blocks start.. of one row, those in `closed` passed over: the final stream, and the stream
+    entering each of them (so skipping block i later reruns only the blocks after it)."""
+    entering = []
+    for j in range(start, len(model.layers)):
+        entering.append(x)
+        if j not in closed:
+            x = model.layers[j](x, cos, sin)
+    return x, entering
+
+
 @torch.no_grad()
 def skip_costs(model: qwen.Qwen2, prompt: list[int], target: list[int]) -> tuple[float, np.ndarray]:
     """NLL with every block on, and the extra NLL of skipping each block alone, (L,)."""
     h, cos, sin = embed(model, prompt, target)
-    inputs = []  # inputs[i]: the stream entering block i, so skipping i only reruns the blocks after it
-    for block in model.layers:
-        inputs.append(h)
-        h = block(h, cos, sin)
+    h, inputs = run_blocks(model, h, cos, sin)
     full = target_nll(model, h, target)
-    costs = []
-    for i, x in enumerate(inputs):
-        for block in model.layers[i + 1:]:
-            x = block(x, cos, sin)
-        costs.append(target_nll(model, x, target) - full)
+    costs = [target_nll(model, run_blocks(model, x, cos, sin, start=i + 1)[0], target) - full
+             for i, x in enumerate(inputs)]
     return full, np.array(costs)
 
 
@@ -214,22 +219,14 @@ def most_closed(model: qwen.Qwen2, prompt: list[int], target: list[int], start=(
 
     def streams(closed: set[int]) -> tuple[list[torch.Tensor], float]:
         """The stream entering each block with `closed` skipped, and the weakest margin at the end."""
-        inputs, x = [], h
-        for i, block in enumerate(model.layers):
-            inputs.append(x)
-            if i not in closed:
-                x = block(x, cos, sin)
+        x, inputs = run_blocks(model, h, cos, sin, closed)
         return inputs, margins(model, x, target).min().item()
 
     def weakest(i: int, inputs: list[torch.Tensor], closed: set[int]) -> tuple[float, list[torch.Tensor]]:
         """Block i skipped too, where inputs come from streams(closed): the weakest margin, and the
         new inputs (those up to i do not change)."""
-        x, entering = inputs[i], inputs[:i + 1]
-        for j in range(i + 1, len(model.layers)):
-            entering.append(x)
-            if j not in closed:
-                x = model.layers[j](x, cos, sin)
-        return margins(model, x, target).min().item(), entering
+        x, after = run_blocks(model, inputs[i], cos, sin, closed, start=i + 1)
+        return margins(model, x, target).min().item(), inputs[:i + 1] + after
 
     opened, m = streams(set())
     if m <= 0:

@@ -416,16 +416,23 @@ def router_score(router: nn.Linear, norm: nn.Module, h: torch.Tensor, prompt_len
         # padding and answer included (their batches are padded to max_len).
         pooled = h.detach().float().mean(1)
     else:
-        pos = torch.arange(h.shape[1], device=h.device)
-        first = 1 if pad is None else pad[:, None] + 1  # the first real token is left out
-        mask = ((pos >= first) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
-        normed = norm(h.detach()).float()
-        pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
-        # Unit length: Adam moves each weight by about lr a step, so the score moves by about
-        # lr * |pooled|_1. At unit length that is ~lr * sqrt(d), not ~lr * d: the router
-        # steers instead of flipping every gate at once.
-        pooled = F.normalize(pooled, dim=-1)
+        pooled = pooled_prompt(norm, h, prompt_lens, pad)
     return torch.sigmoid(F.linear(pooled, router.weight.float(), router.bias.float())).squeeze(-1)
+
+
+def pooled_prompt(norm: nn.Module, h: torch.Tensor, prompt_lens: torch.Tensor,
+                  pad: torch.Tensor | None = None) -> torch.Tensor:
+    """What a router with pooling='prompt' reads (B, d), float32: norm(h) averaged over each row's real
+    prompt tokens but the first (router_score), scaled to unit length."""
+    pos = torch.arange(h.shape[1], device=h.device)
+    first = 1 if pad is None else pad[:, None] + 1  # the first real token is left out
+    mask = ((pos >= first) & (pos < prompt_lens[:, None])).unsqueeze(-1)  # (B, T, 1)
+    normed = norm(h.detach()).float()
+    pooled = (normed * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+    # Unit length: Adam moves each weight by about lr a step, so the score moves by about
+    # lr * |pooled|_1. At unit length that is ~lr * sqrt(d), not ~lr * d: the router
+    # steers instead of flipping every gate at once.
+    return F.normalize(pooled, dim=-1)
 
 
 def gate_of(s: torch.Tensor, threshold: float, open_gates: bool, straight_through: bool) -> torch.Tensor:

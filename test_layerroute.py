@@ -3434,3 +3434,70 @@ def test_bench_ceiling_reads_the_routers_blocks_and_adds_them_on_the_calls_wrong
     out = capsys.readouterr().out
     assert "1 of 2 tool calls right" in out and "15% of their FLOPs or more and stay right: 1 of 1" in out
     assert "on the other 1: 19.0% of tool-call FLOPs, none broken; the start blocks on every call: 14.0%" in out
+
+
+def test_bench_ceiling_router_routes_as_the_model_does(tmp_path, one_thread):
+    bench = bench_script("ceiling_router")
+    _, model = tiny_routed(tmp_path)
+    model.eval()
+    set_routers(model, [0.0] * 4, weight_std=8.0)
+    seen = set()
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        prompt, target = torch.randint(3, 300, (20,), generator=g).tolist(), []
+        for _ in range(4):  # the routed model's greedy continuation, its last token then made wrong
+            with torch.no_grad():
+                target.append(model(torch.tensor([prompt + target]), torch.tensor([len(prompt)]))[0, -1].argmax().item())
+        target[-1] = (target[-1] + 1) % 300
+        for t, right in ((target[:3], True), (target, False)):
+            with torch.no_grad():
+                model(torch.tensor([prompt + t]), torch.tensor([len(prompt)]))
+            want = [i for i, g in enumerate(model.last_gates[0].tolist()) if g == 0]
+            assert bench.routed(model.base, model.routers, prompt, t, 0.5) == (want, right)
+            seen.add(tuple(want))
+        # the features are what each router reads on the stream that skips the blocks the routers closed
+        x = bench.features(model.base, prompt, target, want)
+        for i, r in enumerate(model.routers):
+            assert torch.allclose(torch.sigmoid(r(x[i]))[0], model.last_scores[0, i], atol=1e-5)
+    assert len(seen) > 2  # the routers choose blocks per prompt
+    # reading the prompt's last token instead: block 0 reads the embedding there
+    ids = torch.tensor([prompt + target])
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.base.layers[0].input_layernorm(model.base.embed_tokens(ids))[0, 19], dim=-1)
+    assert torch.allclose(bench.features(model.base, prompt, target, [], "last")[0], want, atol=1e-6)
+
+
+def test_bench_ceiling_router_fits_what_tells_prompts_apart(tmp_path):
+    bench = bench_script("ceiling_router")
+    torch.manual_seed(0)
+    # Unit vectors that share most of their direction; the label is in a small part of one coordinate.
+    x = torch.nn.functional.normalize(torch.ones(400, 32) + 0.02 * torch.randn(400, 32), dim=-1)
+    y = (x[:, 5] > x[:, 5].median()).float()
+    router = bench.fit_one(x[:300], y[:300], 1e-2)  # on the raw features: standardising is folded in
+    held = ((router(x[300:])[:, 0] > 0).float() == y[300:]).float().mean()
+    assert held > 0.9
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"calls": [{"id": "a", "right": True, "closed": [2, 3]},
+                                            {"id": "b", "right": False, "closed": []}]}))
+    assert bench.read_labels(str(labels)) == {"a": [2, 3]}
+    labels.write_text(json.dumps({"examples": []}))
+    with pytest.raises(SystemExit, match=re.escape(str(labels)) + ": not a block_cost.py --ceiling"):
+        bench.read_labels(str(labels))
+
+
+def test_bench_ceiling_router_saves_a_run_with_its_routers(tmp_path, one_thread):
+    bench = bench_script("ceiling_router")
+    train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
+    trained, _, _ = lr.load_run(str(tmp_path / "run"))
+    torch.manual_seed(0)
+    fitted = [torch.nn.Linear(r.in_features, 1) for r in trained.routers]
+    out = str(tmp_path / "fitted")
+    bench.save_run(str(tmp_path / "run"), fitted, out, "labels.json")
+    saved, _, settings = lr.load_run(out)
+    assert settings["routers_fitted_to"] == "labels.json" and settings["out"] == out
+    for n, p in saved.trainable().items():
+        want = fitted[int(n.split(".")[1])].state_dict()[n.split(".")[2]] if n.startswith("routers.") \
+            else trained.trainable()[n]
+        assert torch.equal(p, want.reshape(p.shape)), n
+    with pytest.raises(SystemExit, match="exists already"):
+        bench.save_run(str(tmp_path / "run"), fitted, out, "labels.json")

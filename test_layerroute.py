@@ -3484,20 +3484,3 @@ def test_bench_ceiling_router_fits_what_tells_prompts_apart(tmp_path):
     with pytest.raises(SystemExit, match=re.escape(str(labels)) + ": not a block_cost.py --ceiling"):
         bench.read_labels(str(labels))
 
-
-def test_bench_ceiling_router_saves_a_run_with_its_routers(tmp_path, one_thread):
-    bench = bench_script("ceiling_router")
-    train.train(train_args(tmp_path, "--steps", "1", "--out", str(tmp_path / "run")))
-    trained, _, _ = lr.load_run(str(tmp_path / "run"))
-    torch.manual_seed(0)
-    fitted = [torch.nn.Linear(r.in_features, 1) for r in trained.routers]
-    out = str(tmp_path / "fitted")
-    bench.save_run(str(tmp_path / "run"), fitted, out, "labels.json")
-    saved, _, settings = lr.load_run(out)
-    assert settings["routers_fitted_to"] == "labels.json" and settings["out"] == out
-    for n, p in saved.trainable().items():
-        want = fitted[int(n.split(".")[1])].state_dict()[n.split(".")[2]] if n.startswith("routers.") \
-            else trained.trainable()[n]
-        assert torch.equal(p, want.reshape(p.shape)), n
-    with pytest.raises(SystemExit, match="exists already"):
-        bench.save_run(str(tmp_path / "run"), fitted, out, "labels.json")

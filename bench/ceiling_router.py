@@ -6,20 +6,16 @@ router per block (the model's own kind: a linear score of what router_score read
 input_layernorm of the stream averaged over the prompt, unit length) is fitted to those labels, by
 logistic regression with an L2 penalty picked by cross-validation on the training rows (its held-out
 loss printed beside that of a router that reads the step type alone); training planning steps teach
-it to keep every block on. --read last fits routers that read the prompt's last token instead, a
-reading the model's routers do not have. It then routes the test split's tool calls and
-planning steps block by block, each router reading the stream as routed so far, and counts per
-threshold the tool calls it breaks and fixes against the same model with every block on
+it to keep every block on. It then routes the test split's tool calls and planning steps block by
+block, each router reading the stream as routed so far, and counts per threshold the tool calls it
+breaks and fixes against the same model with every block on
 (teacher-forced argmax at every target token, which is greedy exact match) and the FLOPs each type
 skips (LM head counted). Printed beside it, measured the same way: the run's trained routers, and
 one set closed on every tool call and none on planning (a router that knows only the step type), the
-blocks the labels close most often.
+blocks the labels close most often. --read last fits routers that read the prompt's last token
+instead, a reading the model's routers do not have.
 
---save OUT writes the run with the fitted routers in place of its own, for eval.py --run OUT
-(greedy decoding, task accuracy) at the threshold chosen here.
-
-    python bench/ceiling_router.py --run runs/layerroute --data-dir DATA --labels LABELS.json --save runs/fitted
-    python eval.py --run runs/fitted --threshold 0.3
+    python bench/ceiling_router.py --run runs/layerroute --data-dir DATA --labels LABELS.json
 """
 import argparse
 import json
@@ -35,7 +31,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.dirname(_
 import data  # noqa: E402
 import eval as eval_  # noqa: E402
 import layerroute as lr  # noqa: E402
-from block_cost import embed, margins, skipping  # noqa: E402
+from block_cost import answers, embed, margins  # noqa: E402
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # a gate opens above this: lower closes only what a router is surer of
 SHARES = (0.75, 0.5, 0.4, 0.3, 0.2)  # the type router closes the blocks closed on at least this share of labels
@@ -138,30 +134,13 @@ def routed(model, routers, prompt: list[int], target: list[int], threshold: floa
     return closed, bool(margins(model, x, target).min() > 0)
 
 
-def kept(model, closed, prompt: list[int], target: list[int]) -> bool:
-    """Whether the target stays the argmax everywhere with the blocks in `closed` skipped."""
-    return bool(margins(model, skipping(model, prompt, target, set(closed)), target).min() > 0)
-
-
-def save_run(run: str, routers: list[nn.Linear], out: str, labels: str) -> None:
-    """The run's LoRA with these routers, as a run folder of its own (never over one that exists)."""
-    if os.path.exists(out):
-        raise SystemExit(f"{out}: exists already; --save writes a new run folder")
-    model, _, settings = lr.load_run(run)
-    with torch.no_grad():
-        for mine, fitted in zip(model.routers, routers):
-            mine.weight.copy_(fitted.weight)
-            mine.bias.copy_(fitted.bias)
-    settings = {**settings, "out": out, "routers_fitted_to": labels}
-    lr.save_adapters(model, os.path.join(out, f"checkpoint-{settings['step']:06d}"), settings)
-    print(f"wrote {out}: eval.py --run {out} scores it")
-
-
 def score(model, calls, plans, opened, tool_sets, plan_sets) -> str:
     """One line: tool calls broken and fixed against every block on, and FLOPs skipped per type."""
-    flops = lambda pts, sets: np.mean([eval_.flops_skipped_pct(  # noqa: E731
-        model.cfg, [float(i not in c) for i in range(model.cfg.num_hidden_layers)], len(p) + len(t))
-        for (p, t), c in zip(pts, sets)])
+    def flops(pts, sets) -> float:
+        L = model.cfg.num_hidden_layers
+        return np.mean([eval_.flops_skipped_pct(model.cfg, [float(i not in c) for i in range(L)], len(p) + len(t))
+                        for (p, t), c in zip(pts, sets)])
+
     after = [right for _, right in tool_sets]
     broke = sum(a and not b for a, b in zip(opened, after))
     fixed_ = sum(b and not a for a, b in zip(opened, after))
@@ -180,13 +159,8 @@ def main():
     p.add_argument("--max-len", type=int, default=512, help="tokens per step, as the labels were found with")
     p.add_argument("--read", choices=READS, default="prompt", help="what the fitted routers read: prompt, "
                    "the model's routers' input (the prompt averaged); last, the prompt's last token")
-    p.add_argument("--save", metavar="OUT", help="also write the run with the fitted routers to this new folder")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
-    if args.save and args.read != "prompt":
-        p.error("--save writes routers the model can run: those that read the prompt (--read prompt)")
-    if args.save and os.path.exists(args.save):
-        p.error(f"--save {args.save}: exists already; name a new folder")
     labels = read_labels(args.labels)  # before the model loads, so a bad file fails at once
     if not labels:
         raise SystemExit(f"{args.labels}: no tool call right with every block on, nothing to fit")
@@ -216,11 +190,9 @@ def main():
     print(f"fitted on {len(labels)} right training tool calls ({100 * (1 - y[:len(labels)].mean()):.1f}% of "
           f"blocks closed) and {len(train_plans)} training planning steps (every block on)", flush=True)
     routers, penalty = fit_routers(x, y, (torch.arange(len(rows)) < len(labels)).float())
-    if args.save:
-        save_run(args.run, routers, args.save, args.labels)
     test = eval_.pick(steps, "test", args.n, 0)
     calls, plans = encode(test.get("tool_call", [])), encode(test.get("planning", []))
-    opened = [kept(base, [], pr, t) for pr, t in calls]
+    opened = [right for _, right in answers(base, calls, set())]
     print(f"test: {len(calls)} tool calls, {len(plans)} planning steps")
     for name, rs, read, thresholds in (("the run's trained routers", trained, "prompt", (0.5,)),
                                        (f"fitted routers (L2 {penalty:g}, reading {args.read})", routers, args.read,
@@ -232,7 +204,7 @@ def main():
     share = 1 - y[:len(labels)].mean(0)  # per block, the share of labels that close it
     for least in SHARES:
         s = [i for i in range(L) if share[i] >= least]
-        tool_sets = [(s, kept(base, s, pr, t)) for pr, t in calls]
+        tool_sets = [(s, right) for _, right in answers(base, calls, set(s))]
         print(f"  type router, the blocks closed on >= {least:g} of labels {s}: "
               + score(base, calls, plans, opened, tool_sets, [[] for _ in plans]), flush=True)
 
